@@ -1,0 +1,172 @@
+"""Batched greedy decoding and batched beam search, as free functions over ``Seq2Seq``.
+
+Both use only ``model.encode`` and ``model.decode_step``. Beam search keeps a (B, K) beam per
+sentence in one tensor and handles finished hypotheses with masks, not Python loops over beams.
+A sentence stops when its best-scoring candidate ends the sentence (so beam size 1 is exactly
+greedy decoding) or when it reaches its length cap; the result is the finished hypothesis with the
+best length-normalised score, lp(n) = ((5 + n) / 6) ** alpha (Wu et al. 2016).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from seq2seq.batching import Batch
+from seq2seq.config import SearchConfig
+from seq2seq.model import Seq2Seq
+from seq2seq.tokenizer import BOS_ID, EOS_ID
+
+
+class Hypothesis(NamedTuple):
+    tokens: list[int]  # without BOS/EOS
+    score: float  # log-probability (normalised by the length penalty for beam search)
+    attention: torch.Tensor | None  # (len(tokens) + 1, S_i) weights per output step incl. EOS
+
+
+def max_lengths(src_lengths: torch.Tensor, cfg: SearchConfig, cap: int) -> torch.Tensor:
+    """Per-sentence output cap: ratio x source tokens + offset, never above ``cap``."""
+    lengths = torch.ceil(src_lengths.double() * cfg.max_len_ratio).long() + cfg.max_len_offset
+    return lengths.clamp(min=1, max=cap)
+
+
+def length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:
+    return ((5.0 + length.float()) / 6.0) ** alpha
+
+
+@torch.no_grad()
+def greedy_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512,
+                  keep_attention: bool = False) -> list[Hypothesis]:
+    device = batch.src.device
+    encoded = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+    state, memory = encoded.state, encoded.memory
+    b = batch.src.size(0)
+    limits = max_lengths(batch.src_lengths, cfg, cap).to(device)
+    prev = torch.full((b,), BOS_ID, dtype=torch.long, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    lengths = limits.clone()  # output length incl. EOS; replaced when EOS is produced
+    score = torch.zeros(b, device=device)
+    tokens, attn = [], []
+    eos_only = None
+    for t in range(int(limits.max())):
+        out = model.decode_step(prev, state, memory)
+        logp = torch.log_softmax(out.logits.float(), dim=-1)
+        if eos_only is None:
+            eos_only = torch.where(torch.arange(logp.size(1), device=device) == EOS_ID, 0.0, float("-inf"))
+        at_cap = (t + 1) >= limits
+        logp[at_cap] = logp[at_cap] + eos_only  # a sentence at its cap is forced to end
+        step_score, prev = logp.max(dim=-1)
+        score = score + torch.where(finished, 0.0, step_score)
+        newly = (prev == EOS_ID) & ~finished
+        lengths = torch.where(newly, torch.full_like(lengths, t + 1), lengths)
+        finished |= newly
+        tokens.append(prev)
+        if keep_attention and out.attention is not None:
+            attn.append(out.attention)
+        state = out.state
+        # One host sync per step: stop as soon as every sentence has ended.
+        if bool(finished.all()):
+            break
+    all_tokens = torch.stack(tokens, dim=1).tolist()  # (B, steps)
+    weights = torch.stack(attn, dim=1) if attn else None  # (B, steps, S)
+    src_len = batch.src_lengths.tolist()
+    hyps = []
+    for i, n in enumerate(lengths.tolist()):
+        seq = all_tokens[i][: n - 1]  # the first EOS is at position n - 1
+        a = weights[i, :n, : src_len[i]].cpu() if weights is not None else None
+        hyps.append(Hypothesis(tokens=seq, score=float(score[i]), attention=a))
+    return hyps
+
+
+@torch.no_grad()
+def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512) -> list[Hypothesis]:
+    k = cfg.beam_size
+    device = batch.src.device
+    b = batch.src.size(0)
+    encoded = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+    rows = torch.arange(b, device=device).repeat_interleave(k)  # (B*K,)
+    state, memory = encoded.state.select(rows), encoded.memory.select(rows)
+    limits = max_lengths(batch.src_lengths, cfg, cap).to(device)  # (B,)
+    steps = int(limits.max())
+
+    scores = torch.full((b, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: keep one so the top-k are distinct
+    history = torch.zeros((b, k, 0), dtype=torch.long, device=device)
+    fin_scores = torch.full((b, k), float("-inf"), device=device)
+    fin_tokens = torch.full((b, k, steps), EOS_ID, dtype=torch.long, device=device)
+    fin_len = torch.zeros((b, k), dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    prev = torch.full((b * k,), BOS_ID, dtype=torch.long, device=device)
+    batch_offset = (torch.arange(b, device=device) * k).unsqueeze(1)  # (B, 1)
+    eos_only = None
+
+    for t in range(steps):
+        out = model.decode_step(prev, state, memory)
+        logp = torch.log_softmax(out.logits.float(), dim=-1)  # (B*K, V)
+        v = logp.size(-1)
+        if eos_only is None:
+            eos_only = torch.where(torch.arange(v, device=device) == EOS_ID, 0.0, float("-inf"))
+        at_cap = ((t + 1) >= limits).repeat_interleave(k)
+        logp[at_cap] = logp[at_cap] + eos_only  # at the cap only EOS may follow
+        cand = (scores.unsqueeze(-1) + logp.view(b, k, v)).view(b, k * v)  # (B, K*V)
+        n_cand = min(2 * k, k * v)
+        top_scores, top_idx = cand.topk(n_cand, dim=-1)  # (B, 2K)
+        top_beam = torch.div(top_idx, v, rounding_mode="floor")
+        top_tok = top_idx % v
+        is_eos = top_tok == EOS_ID
+
+        # Finished candidates compete with earlier finished ones on the normalised score.
+        new_fin = torch.where(is_eos & ~done.unsqueeze(1),
+                              top_scores / length_penalty(torch.tensor(t + 1), cfg.length_penalty),
+                              torch.tensor(float("-inf"), device=device))
+        pool_scores = torch.cat([fin_scores, new_fin], dim=1)  # (B, K + 2K)
+        fin_scores, pick = pool_scores.topk(k, dim=-1)
+        cand_hist = torch.gather(history, 1, top_beam.unsqueeze(-1).expand(-1, -1, t))  # (B, 2K, t)
+        cand_tokens = torch.full((b, n_cand, steps), EOS_ID, dtype=torch.long, device=device)
+        cand_tokens[:, :, :t] = cand_hist
+        pool_tokens = torch.cat([fin_tokens, cand_tokens], dim=1)
+        fin_tokens = torch.gather(pool_tokens, 1, pick.unsqueeze(-1).expand(-1, -1, steps))
+        pool_len = torch.cat([fin_len, torch.full_like(top_beam, t + 1)], dim=1)
+        fin_len = torch.gather(pool_len, 1, pick)
+
+        # A sentence ends when its best candidate ends the sentence (beam 1 == greedy).
+        done = done | is_eos[:, 0]
+        if bool(done.all()):
+            break
+
+        # The K best unfinished candidates continue.
+        alive_scores, alive = torch.where(is_eos, float("-inf"), top_scores).topk(k, dim=-1)
+        beam = torch.gather(top_beam, 1, alive)  # (B, K)
+        tok = torch.gather(top_tok, 1, alive)
+        history = torch.cat([torch.gather(history, 1, beam.unsqueeze(-1).expand(-1, -1, t)),
+                             tok.unsqueeze(-1)], dim=2)
+        scores = alive_scores
+        reorder = (batch_offset + beam).view(-1)
+        state = out.state.select(reorder)
+        prev = tok.view(-1)
+
+    best = fin_scores.argmax(dim=-1).tolist()
+    fin_tokens, fin_len, fin_scores = fin_tokens.tolist(), fin_len.tolist(), fin_scores.tolist()
+    hyps = []
+    for i, j in enumerate(best):
+        n = fin_len[i][j]
+        hyps.append(Hypothesis(tokens=fin_tokens[i][j][: max(n - 1, 0)], score=fin_scores[i][j], attention=None))
+    return hyps
+
+
+def decode(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512,
+           keep_attention: bool = False) -> list[Hypothesis]:
+    """Greedy when ``beam_size`` is 1, beam search otherwise."""
+    if cfg.beam_size <= 1:
+        return greedy_search(model, batch, cfg, cap, keep_attention)
+    return beam_search(model, batch, cfg, cap)
+
+
+def search_label(cfg: SearchConfig) -> str:
+    """Short name of a search setting for directory names: ``greedy`` or ``beam5``."""
+    if cfg.beam_size <= 1:
+        return "greedy"
+    alpha = "" if math.isclose(cfg.length_penalty, 1.0) else f"-lp{cfg.length_penalty:g}"
+    return f"beam{cfg.beam_size}{alpha}"
