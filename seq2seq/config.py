@@ -215,10 +215,39 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+class CheckpointChoice(str, Enum):
+    best = "best"
+    last = "last"
+
+
+@dataclass
+class EvaluateConfig:
+    run_dir: str = MISSING  # a training run directory, outputs/<name>/<timestamp>
+    checkpoint: CheckpointChoice = CheckpointChoice.best
+    split: str | None = None  # a split of the run's corpus; default: its test splits
+    src_file: str | None = None  # or any source/reference pair of files
+    ref_file: str | None = None
+    name: str | None = None  # report folder name for a file pair (default: the file's stem)
+    data_root: str | None = None  # where the run's corpus is now, if it moved
+    device: Device = Device.auto
+    search: SearchConfig = field(default_factory=SearchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class TranslateConfig:
+    run_dir: str = MISSING
+    checkpoint: CheckpointChoice = CheckpointChoice.best
+    device: Device = Device.auto
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+
 def register_configs() -> None:
     """Put the schemas into Hydra's ConfigStore. Call once from an entry point."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="translate_schema", node=TranslateConfig)
 
 
 def enum_choices(enum_type: type[Enum]) -> list[str]:

@@ -271,7 +271,7 @@ class CleaningStats:
 
 def clean_split(ds: Dataset, filter_pairs: bool, max_len: int, max_ratio: float) -> tuple[Dataset, CleaningStats]:
     stats = CleaningStats(pairs=len(ds))
-    out_src, out_tgt, out_line = [], [], []
+    out_src, out_tgt, out_line, out_raw_src, out_ref = [], [], [], [], []
     for src, tgt, line in zip(ds["src"], ds["tgt"], ds["line"]):
         clean_src, rep_s = normalize(src)
         clean_tgt, rep_t = normalize(tgt)
@@ -291,7 +291,11 @@ def clean_split(ds: Dataset, filter_pairs: bool, max_len: int, max_ratio: float)
         out_src.append(clean_src)
         out_tgt.append(clean_tgt)
         out_line.append(line)
-    cleaned = Dataset.from_dict({"src": out_src, "tgt": out_tgt, "line": out_line})
+        out_raw_src.append(src)
+        out_ref.append(tgt)
+    # raw_src / ref keep the text as it was: evaluation scores against raw references.
+    cleaned = Dataset.from_dict({"src": out_src, "tgt": out_tgt, "line": out_line, "raw_src": out_raw_src,
+                                 "ref": out_ref})
     return cleaned, stats
 
 

@@ -10,11 +10,12 @@ best length-normalised score, lp(n) = ((5 + n) / 6) ** alpha (Wu et al. 2016).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
-from seq2seq.batching import Batch
+from seq2seq.batching import Batch, collate
 from seq2seq.config import SearchConfig
 from seq2seq.model import Seq2Seq
 from seq2seq.tokenizer import BOS_ID, EOS_ID
@@ -170,3 +171,21 @@ def search_label(cfg: SearchConfig) -> str:
         return "greedy"
     alpha = "" if math.isclose(cfg.length_penalty, 1.0) else f"-lp{cfg.length_penalty:g}"
     return f"beam{cfg.beam_size}{alpha}"
+
+
+def translate_ids(model: Seq2Seq, src_ids: Sequence[Sequence[int]], cfg: SearchConfig,
+                  device: torch.device, amp_dtype: torch.dtype | None = None, cap: int = 512,
+                  keep_attention: bool = False) -> list[Hypothesis]:
+    """Decode many sentences: sorted by length into batches of ``cfg.batch_size`` (little
+    padding), results returned in input order."""
+    model.eval()
+    order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]))
+    results: list[Hypothesis | None] = [None] * len(src_ids)
+    for start in range(0, len(order), cfg.batch_size):
+        chunk = order[start : start + cfg.batch_size]
+        batch = collate([src_ids[i] for i in chunk], None, chunk).to(device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            hyps = decode(model, batch, cfg, cap, keep_attention)
+        for i, hyp in zip(chunk, hyps):
+            results[i] = hyp
+    return results  # type: ignore[return-value]

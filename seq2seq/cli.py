@@ -1,0 +1,216 @@
+"""Command-line entry points: seq2seq-train, seq2seq-evaluate, seq2seq-translate.
+
+Thin by design: compose the config (with one-line errors for typos and unknown choices), then call
+``pipeline``. ``seq2seq-train`` runs through ``@hydra.main`` so that Hydra's run directories and
+multirun sweeps work; the overrides are checked first by composing them here, because Hydra's own
+messages span several lines and do not list the valid keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from seq2seq.config import EvaluateConfig, TrainConfig, TranslateConfig, register_configs
+from seq2seq.errors import ConfigError, Seq2SeqError
+
+log = logging.getLogger("seq2seq")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _debug() -> bool:
+    return os.environ.get("SEQ2SEQ_DEBUG", "") not in ("", "0") or os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def fail(err: BaseException, code: int = 2) -> NoReturn:
+    """Report a user error as one line on stderr and exit; traceback only when debugging."""
+    if _debug():
+        raise err
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+# ----------------------------------------------------------------------------- composing
+
+
+def _valid_keys(config_name: str, parent: str) -> list[str]:
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        base = compose(config_name)
+    node = OmegaConf.select(base, parent) if parent else base
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def explain(err: Exception, config_name: str) -> str:
+    """One line for a Hydra/OmegaConf composition error, naming the key and the valid choices."""
+    chain, cur = [], err
+    while cur is not None and len(chain) < 10:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    if isinstance(err, MissingConfigException):
+        text = str(err)
+        missing = re.search(r"Could not find '([^']+)'", text)
+        options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.M)
+        if missing:
+            group, _, choice = missing.group(1).rpartition("/")
+            return (f"unknown choice '{choice}' for config group '{group}'; choose one of: "
+                    f"{', '.join(options) or '(none)'}")
+        return text.splitlines()[0]
+    for e in chain:
+        full_key = getattr(e, "full_key", None)
+        if not full_key or not isinstance(e, OmegaConfBaseException):
+            continue
+        message = str(e).splitlines()[0]
+        if "not in" in message:  # an unknown key
+            parent, _, key = full_key.rpartition(".")
+            valid = _valid_keys(config_name, parent)
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean '{f'{parent}.' if parent else ''}{close[0]}'?)" if close else ""
+            return f"unknown config key '{full_key}'{hint}; valid keys{f' in {parent}' if parent else ''}: {', '.join(valid)}"
+        choices = re.search(r"expected one of \[([^\]]*)\]", message)
+        if choices:
+            value = re.search(r"Invalid value '([^']*)'", message)
+            return (f"invalid value {value.group(1)!r} for '{full_key}'; choose one of: {choices.group(1)}"
+                    if value else f"invalid value for '{full_key}'; choose one of: {choices.group(1)}")
+        return f"invalid value for '{full_key}': {message}"
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return f"bad override: {first}"
+
+
+def _override_sets(overrides: list[str]) -> list[list[str]]:
+    """Override lists to check: with sweeps (a,b,c) each value once, not the whole product."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    base, sweeps = [], []
+    for o in parsed:
+        if o.is_sweep_override():
+            values = list(o.sweep_string_iterator())
+            base.append(f"{o.get_key_element()}={values[0]}")
+            sweeps.append((len(base) - 1, o.get_key_element(), values[1:]))
+        else:
+            base.append(o.input_line)
+    sets = [base]
+    for pos, key, values in sweeps:
+        for v in values:
+            sets.append([*base[:pos], f"{key}={v}", *base[pos + 1:]])
+    return sets
+
+
+def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose like Hydra does, turning every composition error into a one-line ``ConfigError``."""
+    user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    try:
+        sets = _override_sets(user)
+        cfg = None
+        for ov in sets:
+            with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+                composed = compose(config_name, overrides=ov)
+            OmegaConf.to_object(composed)  # resolves interpolations and checks every value
+            cfg = cfg or composed
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        if _debug():
+            raise
+        raise ConfigError(explain(err, config_name)) from None
+    return cfg
+
+
+# ----------------------------------------------------------------------------- seq2seq-train
+
+
+def _resume_args(args: list[str]) -> list[str]:
+    """``trainer.resume=DIR`` reuses DIR's own overrides and directory; later arguments win."""
+    resume = [a for a in args if a.startswith("trainer.resume=")]
+    if not resume:
+        return args
+    run_dir = Path(resume[-1].split("=", 1)[1])
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"trainer.resume={run_dir}: no {saved} there; pass the directory of an earlier run")
+    previous = [o for o in OmegaConf.load(saved) if not str(o).startswith("trainer.resume=")]
+    return [*map(str, previous), *args, f"hydra.run.dir={run_dir}"]
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
+def _train_task(dcfg: DictConfig) -> float | None:
+    from seq2seq.pipeline import run_training
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        cfg: TrainConfig = OmegaConf.to_object(dcfg)
+        reports = run_training(cfg, run_dir)
+    except Seq2SeqError as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # one bad job must not end the sweep
+            log.error("%s: %s", run_dir, err)
+            return None
+        fail(err, err.exit_code)
+    return reports[0].score.bleu if reports else None
+
+
+def train() -> None:
+    register_configs()
+    args = sys.argv[1:]
+    try:
+        args = _resume_args(args)
+        compose_checked("train", [a for a in args if not a.startswith("-")])
+    except Seq2SeqError as err:
+        fail(err, err.exit_code)
+    sys.argv = [sys.argv[0], *args]
+    _train_task()
+
+
+# ----------------------------------------------------------------------------- evaluate / translate
+
+
+def _simple_command(config_name: str, run: Callable[[DictConfig], int | None]) -> None:
+    register_configs()
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
+                        stream=sys.stderr)
+    args = sys.argv[1:]
+    if any(a in ("-h", "--help") for a in args):
+        print(Path(CONFIG_DIR / f"{config_name}.yaml").read_text().split("defaults")[0].replace("# ", ""))
+        sys.exit(0)
+    try:
+        cfg = compose_checked(config_name, args)
+        if OmegaConf.is_missing(cfg, "run_dir"):
+            raise ConfigError(f"run_dir is required: seq2seq-{config_name} run_dir=outputs/<name>/<timestamp>")
+        code = run(cfg)
+    except Seq2SeqError as err:
+        fail(err, err.exit_code)
+    sys.exit(code or 0)
+
+
+def evaluate() -> None:
+    def run(dcfg: DictConfig) -> int:
+        from seq2seq.pipeline import run_evaluate
+
+        cfg: EvaluateConfig = OmegaConf.to_object(dcfg)
+        run_evaluate(cfg)
+        return 0
+
+    _simple_command("evaluate", run)
+
+
+def translate() -> None:
+    def run(dcfg: DictConfig) -> int:
+        from seq2seq.pipeline import run_translate
+
+        logging.getLogger().setLevel(logging.WARNING)  # stdout carries the translations
+        cfg: TranslateConfig = OmegaConf.to_object(dcfg)
+        run_translate(Path(cfg.run_dir), cfg.checkpoint.value, cfg.search, cfg.device, sys.stdin, sys.stdout)
+        return 0
+
+    _simple_command("translate", run)

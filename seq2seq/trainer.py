@@ -1,0 +1,389 @@
+"""The training loop: teacher forcing, validation with greedy BLEU, early stopping, checkpoints.
+
+Knows nothing about Hydra: it takes a typed ``TrainConfig``, prepared data and a run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from seq2seq.batching import Batch, TokenBatchSampler, collate
+from seq2seq.checkpoint import bytes_to_tensor, load_checkpoint, save_checkpoint
+from seq2seq.config import (
+    Device,
+    OptimizerName,
+    Precision,
+    SchedulerName,
+    TeacherForcingSchedule,
+    TrainConfig,
+    as_plain_dict,
+)
+from seq2seq.errors import ConfigError, RunDirError
+from seq2seq.metrics import corpus_score
+from seq2seq.model import Seq2Seq, build_model, count_parameters
+from seq2seq.prepare import PreparedData
+from seq2seq.search import translate_ids
+from seq2seq.tokenizer import PAD_ID
+from seq2seq.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(requested: Device) -> torch.device:
+    if requested == Device.cuda and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu")
+    if requested == Device.cpu or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default; float32 on CPU unless bf16 is asked for."""
+    if precision == Precision.bf16 or (precision == Precision.auto and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def teacher_forcing_ratio(cfg: TrainConfig, step: int) -> float:
+    """Probability of feeding the gold previous word at ``step`` (Bengio et al. 2015)."""
+    t = cfg.trainer
+    if t.teacher_forcing_schedule == TeacherForcingSchedule.constant:
+        return t.teacher_forcing
+    if t.teacher_forcing_schedule == TeacherForcingSchedule.linear:
+        frac = min(1.0, step / max(1, t.teacher_forcing_decay_steps))
+        return max(t.teacher_forcing_min, t.teacher_forcing - frac * (t.teacher_forcing - t.teacher_forcing_min))
+    k = t.teacher_forcing_k
+    return max(t.teacher_forcing_min, t.teacher_forcing * k / (k + math.exp(min(step / k, 700.0))))
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    cls = torch.optim.AdamW if o.name == OptimizerName.adamw else torch.optim.Adam
+    return cls(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
+    o = cfg.optim
+    if o.scheduler == SchedulerName.plateau:
+        # Stepped with the validation BLEU, so "better" is higher.
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=o.plateau_factor, patience=o.plateau_patience, min_lr=o.min_lr)
+    if o.scheduler == SchedulerName.warmup_decay:
+        warmup = max(1, o.warmup_steps)
+        floor = o.min_lr / o.lr
+
+        def warmup_then_inverse_sqrt(step: int) -> float:
+            return max(floor, min((step + 1) / warmup, math.sqrt(warmup / (step + 1))))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_inverse_sqrt)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def check_trainer_config(cfg: TrainConfig) -> None:
+    t, o = cfg.trainer, cfg.optim
+    positive = {"trainer.max_tokens": t.max_tokens, "trainer.max_sentences": t.max_sentences,
+                "trainer.valid_every": t.valid_every, "trainer.log_every": t.log_every,
+                "search.batch_size": cfg.search.batch_size, "search.beam_size": cfg.search.beam_size}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be a positive integer (got {value})")
+    for key, value in (("trainer.max_steps", t.max_steps), ("trainer.max_epochs", t.max_epochs)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be a positive integer or null (got {value})")
+    if t.max_steps is None and t.max_epochs is None:
+        raise ConfigError("set trainer.max_steps or trainer.max_epochs; with neither, training never ends")
+    if not (math.isfinite(o.lr) and o.lr > 0):
+        raise ConfigError(f"optim.lr must be a positive number (got {o.lr})")
+    if not (math.isfinite(o.clip_norm) and o.clip_norm > 0):
+        raise ConfigError(f"optim.clip_norm must be a positive number (got {o.clip_norm})")
+    for key, value in (("trainer.teacher_forcing", t.teacher_forcing),
+                       ("trainer.teacher_forcing_min", t.teacher_forcing_min)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key} must be in [0, 1] (got {value})")
+    if not 0.0 <= t.label_smoothing < 1.0:
+        raise ConfigError(f"trainer.label_smoothing must be in [0, 1) (got {t.label_smoothing})")
+    if t.num_threads < 0:
+        raise ConfigError(f"trainer.num_threads must be 0 (all cores) or positive (got {t.num_threads})")
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint so a resumed run continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed
+    best_bleu: float = -1.0
+    best_step: int = 0
+    bad_validations: int = 0
+    skipped_steps: int = 0
+    train_seconds: float = 0.0
+    train_tokens: int = 0
+    finished: bool = False
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data: PreparedData, run_dir: Path) -> None:
+        check_trainer_config(cfg)
+        self.cfg = cfg
+        self.data = data
+        self.run_dir = run_dir
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.device = resolve_device(cfg.trainer.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(cfg.trainer.num_threads or torch.get_num_threads())
+        self.amp_dtype = autocast_dtype(cfg.trainer.precision, self.device)
+        seed_everything(cfg.seed)
+        tok = data.tokenizer
+        self.model: Seq2Seq = build_model(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, PAD_ID).to(self.device)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.loss_fn = nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=cfg.trainer.label_smoothing)
+        train = data.train
+        self.train_src: list[list[int]] = train["src_ids"]
+        self.train_tgt: list[list[int]] = train["tgt_ids"]
+        self.sampler = TokenBatchSampler([len(s) for s in self.train_src], [len(t) for t in self.train_tgt],
+                                         cfg.trainer.max_tokens, cfg.trainer.max_sentences, cfg.seed)
+        self.batches_per_epoch = len(self.sampler)
+        self.progress = Progress()
+        self.num_parameters = count_parameters(self.model)
+        log.info("model %s: %s parameters; %d training pairs in %d batches per epoch (%.1f%% padding)",
+                 self.model.description, f"{self.num_parameters:,}", len(self.train_src),
+                 self.batches_per_epoch, 100 * self.sampler.padding_fraction(0))
+        log.info("device %s, %s", self.device, "bf16 autocast" if self.amp_dtype else "float32")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_payload(self) -> dict[str, Any]:
+        tok = self.data.tokenizer
+        return {
+            "config": as_plain_dict(self.cfg),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": {},  # bf16 autocast needs no loss scaling; kept for a stable layout
+            "progress": asdict(self.progress),
+            "rng": rng_state(),
+            "vocab": {"src": tok.src_vocab_size, "tgt": tok.tgt_vocab_size},
+            "tokenizer": {"src": bytes_to_tensor(tok.src_proto),
+                          "tgt": bytes_to_tensor(tok.tgt_proto) if tok.tgt_proto is not None else None},
+            "model_description": self.model.description,
+            "num_parameters": self.num_parameters,
+        }
+
+    def _model_is_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+
+    def save(self, name: str) -> None:
+        if not self._model_is_finite():
+            log.error("model weights are not finite; not writing %s.pt", name)
+            return
+        save_checkpoint(self.state_payload(), self.ckpt_dir / f"{name}.pt")
+
+    def restore(self, path: Path) -> None:
+        payload = load_checkpoint(path, map_location=self.device)
+        try:
+            self.model.load_state_dict(payload["model"])
+        except RuntimeError as err:
+            raise RunDirError(f"{path}: does not match the model config ({str(err).splitlines()[0]})") from None
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.progress = Progress(**payload["progress"])
+        set_rng_state(payload["rng"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.progress.step,
+                 self.progress.epoch, self.progress.batch_in_epoch)
+
+    # ------------------------------------------------------------------ steps
+
+    def _batch(self, indices: list[int]) -> Batch:
+        return collate([self.train_src[i] for i in indices], [self.train_tgt[i] for i in indices], indices).to(self.device)
+
+    def _loss(self, batch: Batch, teacher_forcing: float) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            out = self.model(batch, teacher_forcing=teacher_forcing)
+            mask = batch.tgt_mask
+            # Project only real target positions: padding never reaches the (large) output layer.
+            logits = out.logits[mask] if out.logits is not None else self.model.project(out.hidden[mask])
+        return self.loss_fn(logits.float(), batch.tgt_out[mask])
+
+    def train_step(self, batch: Batch) -> tuple[float, float] | None:
+        """One update; returns (loss, grad norm), or None when a non-finite value skipped it."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._loss(batch, teacher_forcing_ratio(self.cfg, self.progress.step))
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_norm)
+        loss_value, norm_value = float(loss.detach()), float(grad_norm)
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.progress.skipped_steps += 1
+            return None
+        self.optimizer.step()
+        if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step()
+        return loss_value, norm_value
+
+    # ------------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def validate(self, tracker: Tracker) -> dict[str, float]:
+        self.model.eval()
+        valid = self.data.valid
+        src_ids, tgt_ids = valid["src_ids"], valid["tgt_ids"]
+        total_loss, total_tokens = 0.0, 0
+        loss_sum = nn.CrossEntropyLoss(ignore_index=PAD_ID, reduction="sum")
+        sampler = TokenBatchSampler([len(s) for s in src_ids], [len(t) for t in tgt_ids],
+                                    self.cfg.trainer.max_tokens, self.cfg.trainer.max_sentences, 0, shuffle=False)
+        for indices in sampler.batches(0):
+            batch = collate([src_ids[i] for i in indices], [tgt_ids[i] for i in indices], indices).to(self.device)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                out = self.model(batch)
+                logits = self.model.project(out.hidden[batch.tgt_mask])
+            total_loss += float(loss_sum(logits.float(), batch.tgt_out[batch.tgt_mask]))
+            total_tokens += batch.num_tgt_tokens
+        loss = total_loss / max(1, total_tokens)
+        n = len(src_ids) if self.cfg.trainer.valid_max_sentences is None else min(
+            len(src_ids), self.cfg.trainer.valid_max_sentences)
+        greedy = type(self.cfg.search)(batch_size=self.cfg.search.batch_size,
+                                       max_len_ratio=self.cfg.search.max_len_ratio,
+                                       max_len_offset=self.cfg.search.max_len_offset)
+        hyps = translate_ids(self.model, src_ids[:n], greedy, self.device, self.amp_dtype)
+        hyp_text = self.data.tokenizer.decode_tgt([h.tokens for h in hyps])
+        refs = valid["ref"][:n]
+        score = corpus_score(hyp_text, refs)
+        metrics = {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0)), "valid/bleu": score.bleu,
+                   "valid/chrf": score.chrf}
+        tracker.scalars(metrics, self.progress.step)
+        samples = min(self.cfg.trainer.sample_translations, n)
+        if samples:
+            rows = [f"**source:** {valid['src'][i]}  \n**reference:** {refs[i]}  \n**hypothesis:** {hyp_text[i]}"
+                    for i in range(samples)]
+            tracker.text("valid/samples", "\n\n---\n\n".join(rows), self.progress.step)
+        return metrics
+
+    # ------------------------------------------------------------------ loop
+
+    def _done(self) -> bool:
+        p, t = self.progress, self.cfg.trainer
+        return (t.max_steps is not None and p.step >= t.max_steps) or (
+            t.max_epochs is not None and p.epoch >= t.max_epochs)
+
+    def _after_validation(self, metrics: dict[str, float]) -> bool:
+        """Bookkeeping after a validation; returns True when early stopping triggers."""
+        p = self.progress
+        bleu = metrics["valid/bleu"]
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(bleu)
+        improved = bleu > p.best_bleu
+        if improved:
+            p.best_bleu, p.best_step, p.bad_validations = bleu, p.step, 0
+        else:
+            p.bad_validations += 1
+        log.info("step %d: valid loss %.3f, ppl %.2f, BLEU %.2f, chrF %.2f%s", p.step, metrics["valid/loss"],
+                 metrics["valid/ppl"], bleu, metrics["valid/chrf"], " (best)" if improved else "")
+        patience = self.cfg.trainer.patience
+        stop = patience > 0 and p.bad_validations >= patience
+        if improved:
+            self.save("best")
+        self.save("last")
+        return stop
+
+    def fit(self) -> Progress:
+        cfg, p = self.cfg, self.progress
+        tracker = Tracker(self.run_dir)
+        total = cfg.trainer.max_steps or (cfg.trainer.max_epochs or 1) * self.batches_per_epoch
+        bar = tqdm(total=total, initial=p.step, disable=not cfg.trainer.progress, unit="step", dynamic_ncols=True)
+        window_loss, window_tokens, window_steps, window_norm = 0.0, 0, 0, 0.0
+        window_start = time.perf_counter()
+        stop = False
+        try:
+            while not self._done() and not stop:
+                for indices in self.sampler.iterate(p.epoch, p.batch_in_epoch):
+                    batch = self._batch(indices)
+                    step_start = time.perf_counter()
+                    result = self.train_step(batch)
+                    p.batch_in_epoch += 1
+                    p.step += 1
+                    tokens = batch.num_tgt_tokens
+                    p.train_seconds += time.perf_counter() - step_start
+                    p.train_tokens += tokens
+                    bar.update(1)
+                    if result is None:
+                        tracker.scalars({"train/skipped_steps": p.skipped_steps}, p.step)
+                        log.warning("step %d: non-finite loss or gradient; update skipped", p.step)
+                    else:
+                        window_loss += result[0] * tokens
+                        window_norm += result[1]
+                        window_tokens += tokens
+                        window_steps += 1
+                    if p.step % cfg.trainer.log_every == 0 and window_steps:
+                        elapsed = time.perf_counter() - window_start
+                        loss = window_loss / window_tokens
+                        stats = {"train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)),
+                                 "train/lr": self.optimizer.param_groups[0]["lr"],
+                                 "train/grad_norm": window_norm / window_steps,
+                                 "train/tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                                 "train/teacher_forcing": teacher_forcing_ratio(cfg, p.step)}
+                        tracker.scalars(stats, p.step)
+                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{stats['train/tokens_per_s']:.0f}")
+                        window_loss, window_tokens, window_steps, window_norm = 0.0, 0, 0, 0.0
+                        window_start = time.perf_counter()
+                    if p.step % cfg.trainer.valid_every == 0:
+                        stop = self._after_validation(self.validate(tracker))
+                        window_start = time.perf_counter()
+                    if stop or self._done():
+                        break
+                else:  # epoch finished
+                    p.epoch += 1
+                    p.batch_in_epoch = 0
+                    if p.step % cfg.trainer.valid_every != 0:
+                        stop = self._after_validation(self.validate(tracker))
+            if p.step % cfg.trainer.valid_every != 0 and p.batch_in_epoch != 0:
+                self._after_validation(self.validate(tracker))
+            if stop:
+                log.info("early stopping: no better valid BLEU in %d validations", cfg.trainer.patience)
+            p.finished = True
+            self.save("last")
+        finally:
+            bar.close()
+            tracker.close()
+        log.info("training done: %d steps, best valid BLEU %.2f at step %d, %.0f target tokens/s",
+                 p.step, p.best_bleu, p.best_step, p.train_tokens / max(p.train_seconds, 1e-9))
+        return p
