@@ -173,6 +173,9 @@ def _load_hub(cfg: DataConfig, local: Path) -> DatasetDict:
         )
     from datasets import load_dataset
 
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its per-retry warnings would bury our one-line message
     try:
         hub = load_dataset(cfg.hub_id, cfg.hub_config)
     except Exception as err:  # the hub raises many types: network, auth, missing repo
@@ -181,6 +184,8 @@ def _load_hub(cfg: DataConfig, local: Path) -> DatasetDict:
             f"corpus '{cfg.corpus}' not found: no directory {local}, and hub dataset "
             f"'{cfg.hub_id}' could not be loaded ({reason}); {fix}"
         ) from None
+    finally:
+        hub_log.setLevel(level)
     splits = {}
     for split in needed_splits(cfg):
         hub_split = cfg.hub_splits.get(split, split)
