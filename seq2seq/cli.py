@@ -214,3 +214,38 @@ def translate() -> None:
         return 0
 
     _simple_command("translate", run)
+
+
+# ----------------------------------------------------------------------------- seq2seq-compare
+
+
+def compare() -> None:
+    """seq2seq-compare: one table of configs over seeds, with paired bootstrap against a baseline."""
+    import argparse
+
+    from seq2seq.compare import run_compare
+
+    parser = argparse.ArgumentParser(
+        prog="seq2seq-compare",
+        description="Compare finished training runs: mean ± std over seeds per config, BLEU by length, "
+                    "paired bootstrap against a baseline. Writes comparison.{md,csv,json} and two plots.")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="DIR",
+                        help="a multirun sweep directory, or one or more run directories")
+    parser.add_argument("--out", type=Path, help="output folder (default: the sweep directory; "
+                        "required for several run directories)")
+    parser.add_argument("--baseline", help="config label to test against (default: none if present, else the first)")
+    parser.add_argument("--split", help="evaluation split (default: the corpus' first test split)")
+    parser.add_argument("--search", default="greedy", help="search setting of the reports: greedy, beam5, ...")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples; 0 skips it")
+    parser.add_argument("--seed", type=int, default=12345, help="paired bootstrap seed")
+    parser.add_argument("--include-unfinished", action="store_true",
+                        help="also use unfinished runs that have an eval report")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        _, _, table = run_compare(args.paths, args.out, split=args.split, search=args.search,
+                                  baseline=args.baseline, n_boot=args.bootstrap, seed=args.seed,
+                                  include_unfinished=args.include_unfinished)
+    except Seq2SeqError as err:
+        fail(err, err.exit_code)
+    print(table, end="", flush=True)

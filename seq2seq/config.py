@@ -181,6 +181,7 @@ class TrainerConfig:
     sample_translations: int = 3  # shown in TensorBoard at each validation
     progress: bool = True
     resume: str | None = None  # run directory to continue
+    max_nonfinite_steps: int = 20  # consecutive skipped (NaN/inf) updates before the run stops
     evaluate_at_end: bool = True  # evaluate `best` on the test splits when training ends
 
 

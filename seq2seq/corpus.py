@@ -80,8 +80,9 @@ def _available_splits(directory: Path) -> list[str]:
     names = set()
     for p in directory.iterdir():
         stem = p.name[:-3] if p.name.endswith(".gz") else p.name
-        if "." in stem:
-            names.add(stem.rsplit(".", 1)[0])
+        split, _, lang = stem.rpartition(".")
+        if split and lang.isalpha() and len(lang) <= 3:  # <split>.<lang>, not README.md
+            names.add(split)
     return sorted(names)
 
 
@@ -277,7 +278,8 @@ class CleaningStats:
 def clean_split(ds: Dataset, filter_pairs: bool, max_len: int, max_ratio: float) -> tuple[Dataset, CleaningStats]:
     stats = CleaningStats(pairs=len(ds))
     out_src, out_tgt, out_line, out_raw_src, out_ref = [], [], [], [], []
-    for src, tgt, line in zip(ds["src"], ds["tgt"], ds["line"]):
+    table = ds.select_columns(["src", "tgt", "line"])[:]  # one read: iterating a Column is slow
+    for src, tgt, line in zip(table["src"], table["tgt"], table["line"]):
         clean_src, rep_s = normalize(src)
         clean_tgt, rep_t = normalize(tgt)
         stats.changed += (clean_src != src) + (clean_tgt != tgt)
@@ -326,12 +328,16 @@ def clean_corpus(raw: DatasetDict, cfg: DataConfig) -> DatasetDict:
     return DatasetDict(cleaned)
 
 
-def fingerprint(ds: Dataset) -> str:
-    """A hash of a split's text, so caches are keyed by contents rather than by file names."""
+def fingerprint(ds: Dataset, columns: tuple[str, ...] = ("src", "tgt")) -> str:
+    """A hash of a split's text, so caches are keyed by contents rather than by file names.
+
+    The default (cleaned ``src`` and ``tgt``) keys what a tokenizer is trained on; a cache that
+    also stores ``raw_src``, ``ref`` and ``line`` must hash those too, or an edit that cleaning
+    undoes (spacing, a C1 quote) would be served stale.
+    """
     h = hashlib.sha256()
-    for src, tgt in zip(ds["src"], ds["tgt"]):
-        h.update(src.encode("utf-8"))
-        h.update(b"\t")
-        h.update(tgt.encode("utf-8"))
+    table = ds.select_columns(list(columns))[:]  # one read: iterating a datasets Column is slow
+    for row in zip(*(table[c] for c in columns)):
+        h.update("\t".join(map(str, row)).encode("utf-8"))
         h.update(b"\n")
     return h.hexdigest()

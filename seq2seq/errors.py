@@ -28,3 +28,7 @@ class RunDirError(Seq2SeqError):
 
 class CheckpointError(Seq2SeqError):
     """A checkpoint that is missing, corrupt, unsafe, or does not match its config."""
+
+
+class TrainingError(Seq2SeqError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the last good checkpoint is kept."""

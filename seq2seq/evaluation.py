@@ -147,6 +147,8 @@ def evaluate(loaded: LoadedModel, raw_src: list[str], refs: list[str], corpus: s
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     out_dir = write_report(report, unique_dir(out_base), hyps)
+    # The references travel with the hypotheses, so reports can be re-scored and compared later.
+    (out_dir / "refs.txt").write_text("".join(f"{r}\n" for r in refs), encoding="utf-8")
     clean = [normalize(s)[0] for s in raw_src]
     write_heatmaps(loaded, [s for s in clean if s], out_dir, eval_cfg.heatmaps, tracker, tag)
     if tracker is not None:

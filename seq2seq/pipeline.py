@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 import tempfile
@@ -46,14 +47,66 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> list[EvalReport]:
         if not last.exists():
             raise RunDirError(f"cannot resume: {last} does not exist")
         trainer.restore(last)
-        if trainer._done():
+        p = trainer.progress
+        if trainer.budget_spent():
             log.warning("run %s already finished at step %d (epoch %d); raise trainer.max_steps or "
-                        "trainer.max_epochs to train further", run_dir, trainer.progress.step, trainer.progress.epoch)
+                        "trainer.max_epochs to train further", run_dir, p.step, p.epoch)
             return []
-    trainer.fit()
-    if not cfg.trainer.evaluate_at_end:
+        if p.finished and trainer.early_stopped():
+            log.warning("run %s already stopped early at step %d (no better valid BLEU in %d validations); "
+                        "raise trainer.patience to train further", run_dir, p.step, p.bad_validations)
+            return []
+        p.finished = False
+    progress = trainer.fit()
+    if not progress.finished:  # stopped by a signal: `last` is saved, evaluation would be premature
         return []
-    return evaluate_run(run_dir, cfg, splits=data.test_splits, raw=data.splits)
+    reports = evaluate_run(run_dir, cfg, splits=data.test_splits, raw=data.splits) if cfg.trainer.evaluate_at_end else []
+    summary = {
+        "model": trainer.model.description,
+        "num_parameters": trainer.num_parameters,
+        "steps": progress.step,
+        "epochs": progress.epoch,
+        "best_step": progress.best_step,
+        "best_valid_bleu": progress.best_bleu,
+        "train_seconds": progress.train_seconds,
+        "train_tokens_per_s": progress.train_tokens / max(progress.train_seconds, 1e-9),
+        "skipped_steps": progress.skipped_steps,
+        "finished": progress.finished,
+        "test": {r.split: {"bleu": r.score.bleu, "chrf": r.score.chrf} for r in reports},
+    }
+    write_json(run_dir / "summary.json", summary)
+    log_hparams(run_dir, cfg, summary, reports)
+    return reports
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def log_hparams(run_dir: Path, cfg: TrainConfig, summary: dict, reports: list[EvalReport]) -> None:
+    """Hyperparameters and final metrics for TensorBoard's HParams dashboard."""
+    m, a = cfg.model, cfg.model.attention
+    hparams = {
+        "attention": a.type.value, "score": a.score.value if a.type.value == "luong" else "-",
+        "input_feeding": bool(a.input_feeding) if a.type.value == "luong" else False,
+        "embedding_size": m.embedding_size, "encoder_hidden_size": m.encoder_hidden_size,
+        "decoder_hidden_size": m.decoder_hidden_size, "encoder_layers": m.encoder_layers,
+        "decoder_layers": m.decoder_layers, "dropout": m.dropout, "lr": cfg.optim.lr,
+        "max_tokens": cfg.trainer.max_tokens, "vocab_size": cfg.tokenizer.vocab_size,
+        "corpus": cfg.data.corpus, "seed": cfg.seed, "parameters": summary["num_parameters"],
+    }
+    metrics = {"hparam/best_valid_bleu": summary["best_valid_bleu"], "hparam/best_step": summary["best_step"],
+               "hparam/train_tokens_per_s": summary["train_tokens_per_s"]}
+    if reports:
+        metrics["hparam/test_bleu"] = reports[0].score.bleu
+        metrics["hparam/test_chrf"] = reports[0].score.chrf
+    tracker = Tracker(run_dir)
+    try:
+        tracker.hparams(hparams, metrics)
+    finally:
+        tracker.close()
 
 
 def evaluate_run(run_dir: Path, cfg: TrainConfig, splits: list[str], raw=None, which: str = "best",

@@ -69,7 +69,7 @@ def prepare_data(data: DataConfig, tok: TokenizerConfig) -> PreparedData:
     tokenizer = build_tokenizer(train["src"], train["tgt"], tok, cache_dir, key)
     tokenized = {}
     for split, ds in cleaned.items():
-        split_key = f"{key}-{tokenizer.digest()}-{fingerprint(ds)[:16]}"
+        split_key = f"{key}-{tokenizer.digest()}-{fingerprint(ds, tuple(ds.column_names))[:16]}"
         tokenized[split] = _tokenize(ds, tokenizer, cache_dir / "tokenized" / f"{split_key}.arrow")
     return PreparedData(
         tokenizer=tokenizer,

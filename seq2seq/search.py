@@ -118,8 +118,12 @@ def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512)
         top_tok = top_idx % v
         is_eos = top_tok == EOS_ID
 
-        # Finished candidates compete with earlier finished ones on the normalised score.
-        new_fin = torch.where(is_eos & ~done.unsqueeze(1),
+        # Finished candidates compete with earlier finished ones on the normalised score. Only an
+        # EOS among the K best candidates may finish a hypothesis (as in fairseq): the extra K
+        # candidates exist to refill the beam, and letting a runner-up EOS finish would make beam
+        # size 1 differ from greedy decoding.
+        in_beam = torch.arange(n_cand, device=device) < k
+        new_fin = torch.where(is_eos & in_beam & ~done.unsqueeze(1),
                               top_scores / length_penalty(torch.tensor(t + 1), cfg.length_penalty),
                               torch.tensor(float("-inf"), device=device))
         pool_scores = torch.cat([fin_scores, new_fin], dim=1)  # (B, K + 2K)

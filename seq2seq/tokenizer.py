@@ -102,10 +102,14 @@ def _train_model(lines: Iterable[str], cfg: TokenizerConfig, what: str) -> bytes
         )
     except RuntimeError as err:
         msg = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
-        limit = re.search(r"<= (\d+)", msg)
-        hint = f"set tokenizer.vocab_size to at most {limit.group(1)}" if limit else (
-            "choose another tokenizer.vocab_size"
-        )
+        too_high = re.search(r"<= (\d+)", msg)
+        too_low = re.search(r"(\d+) vs (\d+)", msg)  # "smaller than required_chars. 300 vs 317"
+        if too_high:
+            hint = f"set tokenizer.vocab_size to at most {too_high.group(1)}"
+        elif too_low:
+            hint = f"set tokenizer.vocab_size to more than {too_low.group(2)}"
+        else:
+            hint = "choose another tokenizer.vocab_size"
         raise ConfigError(
             f"tokenizer.vocab_size={cfg.vocab_size} does not fit the {what} training text "
             f"(SentencePiece: {msg}); {hint}"

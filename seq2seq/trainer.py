@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from seq2seq.config import (
     TrainConfig,
     as_plain_dict,
 )
-from seq2seq.errors import ConfigError, RunDirError
+from seq2seq.errors import ConfigError, RunDirError, TrainingError
 from seq2seq.metrics import corpus_score
 from seq2seq.model import Seq2Seq, build_model, count_parameters
 from seq2seq.prepare import PreparedData
@@ -128,6 +129,7 @@ class Progress:
     best_step: int = 0
     bad_validations: int = 0
     skipped_steps: int = 0
+    consecutive_skipped: int = 0
     train_seconds: float = 0.0
     train_tokens: int = 0
     finished: bool = False
@@ -175,9 +177,9 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.loss_fn = nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=cfg.trainer.label_smoothing)
-        train = data.train
-        self.train_src: list[list[int]] = train["src_ids"]
-        self.train_tgt: list[list[int]] = train["tgt_ids"]
+        ids = data.train.select_columns(["src_ids", "tgt_ids"])[:]  # plain lists: fast indexing
+        self.train_src: list[list[int]] = ids["src_ids"]
+        self.train_tgt: list[list[int]] = ids["tgt_ids"]
         self.sampler = TokenBatchSampler([len(s) for s in self.train_src], [len(t) for t in self.train_tgt],
                                          cfg.trainer.max_tokens, cfg.trainer.max_sentences, cfg.seed)
         self.batches_per_epoch = len(self.sampler)
@@ -253,7 +255,9 @@ class Trainer:
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.optimizer.zero_grad(set_to_none=True)
             self.progress.skipped_steps += 1
+            self.progress.consecutive_skipped += 1
             return None
+        self.progress.consecutive_skipped = 0
         self.optimizer.step()
         if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step()
@@ -264,7 +268,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self, tracker: Tracker) -> dict[str, float]:
         self.model.eval()
-        valid = self.data.valid
+        valid = self.data.valid.select_columns(["src", "ref", "src_ids", "tgt_ids"])[:]
         src_ids, tgt_ids = valid["src_ids"], valid["tgt_ids"]
         total_loss, total_tokens = 0.0, 0
         loss_sum = nn.CrossEntropyLoss(ignore_index=PAD_ID, reduction="sum")
@@ -300,10 +304,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _done(self) -> bool:
+    def budget_spent(self) -> bool:
         p, t = self.progress, self.cfg.trainer
         return (t.max_steps is not None and p.step >= t.max_steps) or (
             t.max_epochs is not None and p.epoch >= t.max_epochs)
+
+    def early_stopped(self) -> bool:
+        patience = self.cfg.trainer.patience
+        return patience > 0 and self.progress.bad_validations >= patience
 
     def _after_validation(self, metrics: dict[str, float]) -> bool:
         """Bookkeeping after a validation; returns True when early stopping triggers."""
@@ -325,7 +333,26 @@ class Trainer:
         self.save("last")
         return stop
 
+    def _request_stop(self, signum: int, _frame: Any) -> None:
+        # Finish the current update, then save and leave: never stop half-way through a step.
+        self.stop_signal = signum
+
     def fit(self) -> Progress:
+        """Train until the budget, early stopping, or SIGINT/SIGTERM (which save ``last`` first)."""
+        self.stop_signal = None
+        handlers = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                handlers[sig] = signal.signal(sig, self._request_stop)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        try:
+            return self._fit()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def _fit(self) -> Progress:
         cfg, p = self.cfg, self.progress
         tracker = Tracker(self.run_dir)
         total = cfg.trainer.max_steps or (cfg.trainer.max_epochs or 1) * self.batches_per_epoch
@@ -334,7 +361,7 @@ class Trainer:
         window_start = time.perf_counter()
         stop = False
         try:
-            while not self._done() and not stop:
+            while not self.budget_spent() and not stop:
                 for indices in self.sampler.iterate(p.epoch, p.batch_in_epoch):
                     batch = self._batch(indices)
                     step_start = time.perf_counter()
@@ -348,6 +375,11 @@ class Trainer:
                     if result is None:
                         tracker.scalars({"train/skipped_steps": p.skipped_steps}, p.step)
                         log.warning("step %d: non-finite loss or gradient; update skipped", p.step)
+                        if p.consecutive_skipped >= cfg.trainer.max_nonfinite_steps:
+                            raise TrainingError(
+                                f"{p.consecutive_skipped} consecutive updates had a non-finite loss or gradient; "
+                                f"stopped at step {p.step} (lower optim.lr or check the data); the last good "
+                                f"checkpoint is in {self.ckpt_dir}")
                     else:
                         window_loss += result[0] * tokens
                         window_norm += result[1]
@@ -368,7 +400,12 @@ class Trainer:
                     if p.step % cfg.trainer.valid_every == 0:
                         stop = self._after_validation(self.validate(tracker))
                         window_start = time.perf_counter()
-                    if stop or self._done():
+                    if self.stop_signal is not None:
+                        self.save("last")
+                        log.warning("stopped by signal %d at step %d; continue with: seq2seq-train "
+                                    "trainer.resume=%s", self.stop_signal, p.step, self.run_dir)
+                        return p
+                    if stop or self.budget_spent():
                         break
                 else:  # epoch finished
                     p.epoch += 1

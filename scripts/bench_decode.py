@@ -1,0 +1,56 @@
+"""Decoding speed of a trained run on its corpus' test split: greedy and beam 5.
+
+    python scripts/bench_decode.py RUN_DIR [--repeats 3] [--beam 5]
+
+Reports sentences/s and generated tokens/s (hypothesis lengths differ between models, so both
+matter), median of --repeats. Prints the numbers; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--split", default=None)
+    parser.add_argument("--data-root", default=None)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from seq2seq.config import SearchConfig
+    from seq2seq.corpus import normalize
+    from seq2seq.evaluation import find_checkpoint, load_model
+    from seq2seq.pipeline import load_split
+    from seq2seq.search import translate_ids
+
+    loaded = load_model(find_checkpoint(args.run_dir))
+    cfg = loaded.cfg
+    if args.data_root:
+        cfg.data.root = args.data_root
+    split = args.split or cfg.data.test_splits[0]
+    src = [normalize(s)[0] for s in load_split(cfg, split)["src"]]
+    ids = loaded.tokenizer.encode_src(src)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {loaded.model.description}; "
+          f"{cfg.data.corpus}/{split}: {len(ids)} sentences")
+    for name, search in (("greedy", SearchConfig(beam_size=1)), (f"beam{args.beam}", SearchConfig(beam_size=args.beam))):
+        times, tokens = [], 0
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            hyps = translate_ids(loaded.model, ids, search, loaded.device, loaded.amp_dtype)
+            times.append(time.perf_counter() - start)
+            tokens = sum(len(h.tokens) + 1 for h in hyps)
+        t = statistics.median(times)
+        print(f"{name:<8} {len(ids) / t:8.1f} sent/s {tokens / t:10.0f} generated tok/s  ({t:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()

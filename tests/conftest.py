@@ -1,0 +1,127 @@
+"""Shared fixtures: tiny parallel corpora written into ``tmp_path``, typed data configs, shared data.
+
+The hub is switched off for the whole test session (set at import, before ``datasets`` is
+imported by any test module), so a missing local corpus fails fast instead of going online.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# A small German-English corpus with accents, sharp s, typographic quotes and a few rare
+# characters; big enough to train a SentencePiece model of a few hundred pieces.
+_DE_NOUNS = ["Hund", "Katze", "Mädchen", "Junge", "Straße", "Fußball", "Bäcker", "Löwe", "Brücke",
+             "Küche", "Frau", "Mann", "Gärtnerin", "Wasserfontäne", "Fahrrad"]
+_EN_NOUNS = ["dog", "cat", "girl", "boy", "street", "football", "baker", "lion", "bridge",
+             "kitchen", "woman", "man", "gardener", "fountain", "bicycle"]
+_DE_VERBS = ["läuft über", "springt auf", "schläft neben", "wartet vor", "spielt mit"]
+_EN_VERBS = ["runs across", "jumps onto", "sleeps next to", "waits in front of", "plays with"]
+
+
+def small_parallel(n: int, offset: int = 0) -> tuple[list[str], list[str]]:
+    """``n`` deterministic aligned (de, en) sentences; ``offset`` gives a different slice."""
+    de, en = [], []
+    for i in range(offset, offset + n):
+        a, b, v = i % len(_DE_NOUNS), (i * 7 + 3) % len(_DE_NOUNS), (i // 3) % len(_DE_VERBS)
+        de.append(f"Der {_DE_NOUNS[a]} {_DE_VERBS[v]} „{_DE_NOUNS[b]}“ Nr. {i}.")
+        en.append(f"The {_EN_NOUNS[a]} {_EN_VERBS[v]} “{_EN_NOUNS[b]}” no. {i}.")
+    return de, en
+
+
+def write_corpus(root: Path, name: str, splits: dict[str, dict[str, list[str] | bytes]],
+                 gz: bool = False) -> Path:
+    """Write ``<root>/<name>/<split>.<lang>[.gz]``; a side given as bytes is written verbatim."""
+    directory = root / name
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, sides in splits.items():
+        for lang, content in sides.items():
+            raw = content if isinstance(content, bytes) else "".join(f"{x}\n" for x in content).encode()
+            path = directory / f"{split}.{lang}{'.gz' if gz else ''}"
+            path.write_bytes(gzip.compress(raw) if gz else raw)
+    return directory
+
+
+@pytest.fixture
+def corpus_writer(tmp_path: Path) -> Callable[..., Path]:
+    """``corpus_writer(splits, name="toy", gz=False)`` writes a corpus under ``tmp_path/data``."""
+
+    def write(splits: dict, name: str = "toy", gz: bool = False) -> Path:
+        return write_corpus(tmp_path / "data", name, splits, gz=gz)
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def make_parallel() -> Callable[[int, int], tuple[list[str], list[str]]]:
+    """``make_parallel(n, offset=0)``: ``n`` aligned (de, en) toy sentences."""
+    return small_parallel
+
+
+@pytest.fixture
+def toy_splits() -> dict[str, dict[str, list[str]]]:
+    """train/valid/test of the small de-en corpus (120/10/10 pairs)."""
+    train, valid, test = small_parallel(120), small_parallel(10, 500), small_parallel(10, 600)
+    return {
+        "train": {"de": train[0], "en": train[1]},
+        "valid": {"de": valid[0], "en": valid[1]},
+        "test": {"de": test[0], "en": test[1]},
+    }
+
+
+@pytest.fixture
+def make_data_cfg(tmp_path: Path) -> Callable[..., object]:
+    """A typed ``DataConfig``; keywords override.
+
+    ``make_data_cfg(**kw)``: the corpus ``toy`` under ``tmp_path/data`` (languages de, en; splits
+    train/valid/test). ``make_data_cfg("multi30k", **kw)``: composed from ``data=multi30k`` exactly
+    as ``seq2seq-train`` would. Either way the cache goes to ``tmp_path/cache`` and interpolated
+    defaults resolve as in a real run.
+    """
+    from omegaconf import OmegaConf
+
+    from seq2seq.config import DataConfig, register_configs
+
+    def make(option: str | None = None, **overrides):
+        local = {"root": str(tmp_path / "data"), "cache_dir": str(tmp_path / "cache")}
+        if option is not None:
+            from seq2seq.cli import compose_checked
+
+            register_configs()
+            data = compose_checked("train", [f"data={option}"]).data
+            layers = [data, OmegaConf.create(local), OmegaConf.create(overrides)]
+        else:
+            base = {
+                "corpus": "toy", "languages": ["de", "en"], "src_lang": "de", "tgt_lang": "en",
+                "train_split": "train", "valid_split": "valid", "test_splits": ["test"], **local,
+            }
+            layers = [OmegaConf.structured(DataConfig), OmegaConf.create(base), OmegaConf.create(overrides)]
+        cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
+        assert isinstance(cfg, DataConfig)
+        return cfg
+
+    return make
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data`` next to the checkout, or skip when this machine does not have it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared corpora not available at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def multi30k(shared_data: Path) -> Path:
+    if not (shared_data / "multi30k").is_dir():
+        pytest.skip(f"Multi30k not available at {shared_data / 'multi30k'}")
+    return shared_data / "multi30k"

@@ -1,0 +1,85 @@
+"""Tiny models and batches shared by the model, search and checkpoint tests (not a test module)."""
+
+from __future__ import annotations
+
+import torch
+
+from seq2seq.batching import Batch, collate
+from seq2seq.config import AttentionConfig, AttentionType, LuongScore, ModelConfig
+from seq2seq.model import Seq2Seq, build_model
+from seq2seq.tokenizer import EOS_ID, PAD_ID
+
+SRC_VOCAB = 23
+TGT_VOCAB = 19
+FIRST_WORD = 4  # ids below are PAD, UNK, BOS, EOS
+
+# name -> (attention type, Luong score, input feeding); names follow ``model.describe``.
+VARIANTS: dict[str, tuple[AttentionType, LuongScore, bool]] = {
+    "none": (AttentionType.none, LuongScore.general, False),
+    "bahdanau": (AttentionType.bahdanau, LuongScore.general, False),
+    "luong-dot": (AttentionType.luong, LuongScore.dot, False),
+    "luong-dot-feed": (AttentionType.luong, LuongScore.dot, True),
+    "luong-general": (AttentionType.luong, LuongScore.general, False),
+    "luong-general-feed": (AttentionType.luong, LuongScore.general, True),
+    "luong-concat": (AttentionType.luong, LuongScore.concat, False),
+    "luong-concat-feed": (AttentionType.luong, LuongScore.concat, True),
+}
+ATTENTIVE = [v for v in VARIANTS if v != "none"]
+
+
+def model_config(variant: str, **overrides) -> ModelConfig:
+    """A tiny config; decoder size is 2 x encoder size so that ``dot`` composes."""
+    kind, score, feed = VARIANTS[variant]
+    fields = dict(embedding_size=16, encoder_hidden_size=12, decoder_hidden_size=24, dropout=0.0,
+                  attention=AttentionConfig(type=kind, score=score, input_feeding=feed, hidden_size=16))
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def make_model(variant: str, seed: int = 0, src_vocab: int = SRC_VOCAB, tgt_vocab: int = TGT_VOCAB,
+               eos_bias: float = 0.0, **overrides) -> Seq2Seq:
+    """A randomly initialised tiny model in eval mode. ``eos_bias`` is added to the EOS logit
+    (positive: sentences end sooner; very negative: they never end on their own)."""
+    torch.manual_seed(seed)
+    model = build_model(model_config(variant, **overrides), src_vocab, tgt_vocab, PAD_ID)
+    if eos_bias:
+        with torch.no_grad():
+            model.output_layer.bias[EOS_ID] += eos_bias
+    return model.eval()
+
+
+def random_sentences(n: int, min_len: int, max_len: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=g).tolist()
+    return [torch.randint(FIRST_WORD, vocab, (k,), generator=g).tolist() for k in lengths]
+
+
+def make_batch(src: list[list[int]], tgt: list[list[int]] | None = None) -> Batch:
+    return collate(src, tgt, range(len(src)))
+
+
+def logits_of(model: Seq2Seq, batch: Batch, **kwargs) -> torch.Tensor:
+    """(B, T, V) teacher-forced logits through ``forward`` (parallel path where it exists)."""
+    out = model(batch, **kwargs)
+    return out.logits if out.logits is not None else model.project(out.hidden)
+
+
+def stepwise_logits(model: Seq2Seq, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Teacher-forced logits by calling ``decode_step`` by hand, one target position at a time."""
+    encoded = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+    state, logits, attention = encoded.state, [], []
+    for t in range(batch.tgt_in.size(1)):
+        out = model.decode_step(batch.tgt_in[:, t], state, encoded.memory)
+        logits.append(out.logits)
+        attention.append(out.attention)
+        state = out.state
+    return torch.stack(logits, dim=1), attention
+
+
+def sequence_logprob(model: Seq2Seq, src: list[int], tokens: list[int]) -> float:
+    """Log-probability of ``tokens`` + EOS given ``src``, re-scored with teacher forcing."""
+    batch = make_batch([src], [tokens])
+    with torch.no_grad():
+        logp = torch.log_softmax(logits_of(model, batch).double(), dim=-1)[0]  # (T, V)
+    target = batch.tgt_out[0]
+    return float(logp.gather(1, target.unsqueeze(1)).sum())

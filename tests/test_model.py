@@ -1,0 +1,443 @@
+"""The encoder-decoder in every attention variant: shapes, gradients, masking, padding invariance,
+parallel vs step-by-step decoding, overfitting a tiny batch, scheduled sampling, config checks and
+a checkpoint round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_model import (
+    ATTENTIVE,
+    FIRST_WORD,
+    SRC_VOCAB,
+    TGT_VOCAB,
+    VARIANTS,
+    logits_of,
+    make_batch,
+    make_model,
+    model_config,
+    random_sentences,
+    stepwise_logits,
+)
+
+from seq2seq.attention import AdditiveAttention, MultiplicativeAttention, NoAttention
+from seq2seq.config import (
+    AttentionConfig,
+    AttentionType,
+    CorpusSource,
+    DataConfig,
+    LuongScore,
+    SearchConfig,
+    SyntheticConfig,
+    TokenizerConfig,
+    TrainConfig,
+    TrainerConfig,
+)
+from seq2seq.encoder import EncoderOutput
+from seq2seq.errors import ConfigError
+from seq2seq.model import build_model, describe
+from seq2seq.search import greedy_search
+from seq2seq.tokenizer import PAD_ID
+
+ALL = list(VARIANTS)
+
+# Three sentences of different lengths on both sides, so every batch has source and target padding.
+SRC = [[4, 5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17, 18]]
+TGT = [[4, 5, 6], [7, 8, 9, 10, 11, 12], [13, 14, 15, 16]]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+
+
+def batch3():
+    return make_batch(SRC, TGT)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_builds_the_named_variant(variant):
+    model = make_model(variant)
+    kind, score, feed = VARIANTS[variant]
+    assert model.description == variant == describe(model_config(variant))
+    attention = model.decoder.attention
+    if kind == AttentionType.none:
+        assert isinstance(attention, NoAttention)
+    elif kind == AttentionType.bahdanau or score == LuongScore.concat:
+        assert isinstance(attention, AdditiveAttention)
+    else:
+        assert isinstance(attention, MultiplicativeAttention)
+    assert model.decoder.input_feeding == feed
+    # Bahdanau and no attention feed the context before the LSTM; Luong after.
+    assert model.decoder.context_before_rnn == (kind != AttentionType.luong)
+    # The parallel teacher-forced path exists exactly when no step waits for an earlier one.
+    assert model.decoder.parallel == (kind == AttentionType.none or (kind == AttentionType.luong and not feed))
+
+
+# ----------------------------------------------------------------------------- shapes and gradients
+
+
+@pytest.mark.parametrize("force_steps", [False, True], ids=["default-path", "step-path"])
+@pytest.mark.parametrize("variant", ALL)
+def test_forward_shapes_and_finite_gradients_for_every_parameter(variant, force_steps):
+    model = make_model(variant).train()
+    batch = batch3()
+    b, s = batch.src.shape
+    t = batch.tgt_in.size(1)
+    out = model(batch, force_steps=force_steps)
+    assert out.hidden.shape == (b, t, model.decoder.output_size)
+    assert out.logits is None  # only scheduled sampling returns logits
+    logits = model.project(out.hidden)
+    assert logits.shape == (b, t, TGT_VOCAB)
+    assert torch.isfinite(logits).all()
+    if variant == "none":
+        assert out.attention is None
+    else:
+        assert out.attention.shape == (b, t, s)
+    mask = batch.tgt_mask
+    loss = torch.nn.functional.cross_entropy(logits[mask], batch.tgt_out[mask])
+    loss.backward()
+    params = dict(model.named_parameters())
+    if variant == "none":
+        assert not any(name.startswith("decoder.attention.") for name in params)
+    for name, p in params.items():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient (unused by the loss?)"
+    # The padding rows of the embeddings never learn.
+    assert model.encoder.embedding.weight.grad[PAD_ID].abs().sum() == 0
+    assert model.decoder.embedding.weight.grad[PAD_ID].abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------- attention weights
+
+
+def _check_weights(weights: torch.Tensor, src_mask: torch.Tensor) -> None:
+    """(B, T, S) weights: rows sum to 1 and are exactly 0.0 at padded source positions."""
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:2]), atol=1e-5, rtol=0)
+    pad = (~src_mask).unsqueeze(1).expand_as(weights)
+    assert pad.any()
+    assert (weights[pad] == 0.0).all()
+    assert (weights[~pad] > 0.0).all()
+
+
+@pytest.mark.parametrize("variant", ATTENTIVE)
+def test_attention_sums_to_one_and_is_zero_at_padding(variant):
+    model = make_model(variant)
+    batch = batch3()
+    with torch.no_grad():
+        _check_weights(model(batch).attention, batch.src_mask)
+        _check_weights(model(batch, force_steps=True).attention, batch.src_mask)
+        _, step_attention = stepwise_logits(model, batch)
+    _check_weights(torch.stack(step_attention, dim=1), batch.src_mask)
+
+
+def test_attention_stays_zero_at_padding_with_huge_scores():
+    """Masking happens before the softmax: even scores of 1e4 leave padding at exactly 0."""
+    model = make_model("luong-dot")
+    batch = batch3()
+    with torch.no_grad():
+        encoded = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+        memory = encoded.memory._replace(keys=encoded.memory.keys * 1e4)
+        query = torch.randn(batch.src.size(0), 5, model.decoder.hidden_size)
+        result = model.decoder.attention(query, memory)
+    _check_weights(result.weights, batch.src_mask)
+
+
+def test_no_attention_returns_no_weights():
+    model = make_model("none")
+    batch = batch3()
+    with torch.no_grad():
+        assert model(batch).attention is None
+        assert model(batch, force_steps=True).attention is None
+        _, step_attention = stepwise_logits(model, batch)
+    assert all(a is None for a in step_attention)
+
+
+# ----------------------------------------------------------------------------- padding invariance
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_outputs_do_not_depend_on_padding(variant):
+    model = make_model(variant)
+    short_src, short_tgt = [4, 5, 6, 7], [8, 9, 10]
+    long_src, long_tgt = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [4, 5, 6, 7, 8, 9, 10, 11]
+    alone = make_batch([short_src], [short_tgt])
+    padded = make_batch([long_src, short_src, long_src], [long_tgt, short_tgt, long_tgt])
+    t = alone.tgt_in.size(1)
+    with torch.no_grad():
+        for force_steps in (False, True):
+            a = logits_of(model, alone, force_steps=force_steps)[0]
+            b = logits_of(model, padded, force_steps=force_steps)[1, :t]
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+        step_a, _ = stepwise_logits(model, alone)
+        step_b, _ = stepwise_logits(model, padded)
+    torch.testing.assert_close(step_b[1, :t], step_a[0], atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- parallel vs steps
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_parallel_path_step_path_and_decode_step_agree(variant):
+    model = make_model(variant)
+    batch = batch3()
+    mask = batch.tgt_mask
+    with torch.no_grad():
+        default = model(batch)
+        steps = model(batch, force_steps=True)
+        by_hand, hand_attention = stepwise_logits(model, batch)
+    torch.testing.assert_close(model.project(steps.hidden)[mask], model.project(default.hidden)[mask],
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(by_hand[mask], model.project(default.hidden)[mask], atol=1e-5, rtol=0)
+    if variant != "none":
+        att_mask = mask.unsqueeze(-1).expand_as(default.attention)
+        torch.testing.assert_close(steps.attention[att_mask], default.attention[att_mask], atol=1e-6, rtol=0)
+        hand = torch.stack(hand_attention, dim=1)
+        torch.testing.assert_close(hand[att_mask], default.attention[att_mask], atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+OVERFIT_SRC = [[4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15], [16, 17, 18, 19, 20, 21]]
+# Each target is the source backwards (mapped into the target vocabulary), so the decoder must
+# look at the source, not only at the previous word.
+OVERFIT_TGT = [[(w % (TGT_VOCAB - FIRST_WORD)) + FIRST_WORD for w in reversed(s)] for s in OVERFIT_SRC]
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_tiny_model_overfits_a_tiny_batch(variant):
+    model = make_model(variant, seed=1, encoder_hidden_size=16, decoder_hidden_size=32).train()
+    batch = make_batch(OVERFIT_SRC, OVERFIT_TGT)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    mask = batch.tgt_mask
+    first = None
+    for _ in range(300):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits_of(model, batch)[mask], batch.tgt_out[mask])
+        loss.backward()
+        optimizer.step()
+        first = first if first is not None else float(loss)
+        if float(loss) < 0.02:
+            break
+    assert float(loss) < 0.1, f"loss only fell from {first:.3f} to {float(loss):.3f} in 300 steps"
+    model.eval()
+    hyps = greedy_search(model, batch, SearchConfig())
+    assert [h.tokens for h in hyps] == OVERFIT_TGT
+
+
+# ----------------------------------------------------------------------------- the bottleneck
+
+
+def _noisy_encoder(model, scale: float = 3.0):
+    """Wrap the encoder so its per-position outputs get noise at every position but the last
+    real one; the summary (what the plain encoder-decoder sees) is left untouched."""
+    original = model.encoder.forward
+    gen = torch.Generator().manual_seed(7)
+
+    def forward(src, src_lengths, src_mask):
+        enc = original(src, src_lengths, src_mask)
+        keep = torch.zeros_like(src_mask)
+        keep[torch.arange(src.size(0)), src_lengths - 1] = True  # the final (EOS) position
+        noise = torch.randn(enc.outputs.shape, generator=gen) * scale
+        noise = noise * (src_mask & ~keep).unsqueeze(-1)
+        return EncoderOutput(outputs=enc.outputs + noise, mask=enc.mask, summary=enc.summary)
+
+    return forward
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_only_attention_models_see_more_than_the_summary(variant, monkeypatch):
+    model = make_model(variant)
+    batch = batch3()
+    mask = batch.tgt_mask
+    with torch.no_grad():
+        clean = logits_of(model, batch)[mask]
+        clean_steps, _ = stepwise_logits(model, batch)
+        monkeypatch.setattr(model.encoder, "forward", _noisy_encoder(model))
+        noisy = logits_of(model, batch)[mask]
+        noisy_steps, _ = stepwise_logits(model, batch)
+    if variant == "none":  # a fixed-vector model never reads the per-position states
+        assert torch.equal(noisy, clean)
+        assert torch.equal(noisy_steps[mask], clean_steps[mask])
+    else:
+        assert (noisy - clean).abs().max() > 1e-2
+        assert (noisy_steps[mask] - clean_steps[mask]).abs().max() > 1e-2
+
+
+def test_no_attention_memory_is_the_summary_alone():
+    model = make_model("none")
+    batch = batch3()
+    with torch.no_grad():
+        enc = model.encoder(batch.src, batch.src_lengths, batch.src_mask)
+        memory = model.decoder.attention.prepare(enc)
+    assert memory.values.shape == (3, 1, model.encoder.output_size)
+    torch.testing.assert_close(memory.values[:, 0], enc.summary)
+    assert memory.mask.all()
+
+
+# ----------------------------------------------------------------------------- scheduled sampling
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_scheduled_sampling_runs_and_returns_logits(variant):
+    model = make_model(variant).train()
+    batch = batch3()
+    out = model(batch, teacher_forcing=0.5)
+    assert out.logits is not None
+    assert out.logits.shape == (3, batch.tgt_in.size(1), TGT_VOCAB)
+    assert torch.isfinite(out.logits).all()
+    torch.testing.assert_close(out.logits, model.project(out.hidden))
+    loss = torch.nn.functional.cross_entropy(out.logits[batch.tgt_mask], batch.tgt_out[batch.tgt_mask])
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_teacher_forcing_zero_feeds_the_models_own_predictions(variant):
+    """Ratio 0: every step after the first gets the argmax of the previous step's logits."""
+    model = make_model(variant)
+    batch = batch3()
+    with torch.no_grad():
+        out = model(batch, teacher_forcing=0.0)
+        encoded = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+        state, prev, expected = encoded.state, batch.tgt_in[:, 0], []
+        for _ in range(batch.tgt_in.size(1)):
+            step = model.decode_step(prev, state, encoded.memory)
+            expected.append(step.logits)
+            state, prev = step.state, step.logits.argmax(-1)
+    torch.testing.assert_close(out.logits, torch.stack(expected, dim=1), atol=1e-5, rtol=0)
+    # ... which differs from teacher forcing (so the test above can fail).
+    forced = logits_of(model, batch)
+    assert (forced - out.logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_teacher_forcing_one_equals_the_parallel_path(variant):
+    model = make_model(variant)
+    batch = batch3()
+    with torch.no_grad():
+        stepped = model(batch, teacher_forcing=1.0, force_steps=True)
+        default = model(batch, teacher_forcing=1.0)
+    assert stepped.logits is None
+    mask = batch.tgt_mask
+    torch.testing.assert_close(model.project(stepped.hidden)[mask], model.project(default.hidden)[mask],
+                               atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+@pytest.mark.parametrize("variant", ["none", "bahdanau", "luong-general-feed"])
+def test_tied_embeddings_share_the_weight(variant):
+    model = make_model(variant, tie_embeddings=True, embedding_size=20)
+    assert model.output_layer.weight is model.decoder.embedding.weight
+    assert model.decoder.output_size == 20
+    untied = make_model(variant, embedding_size=20)
+    n_tied = sum(p.numel() for p in model.parameters())
+    n_untied = sum(p.numel() for p in untied.parameters())
+    assert n_untied - n_tied == TGT_VOCAB * 20 + (24 - 20) * (TGT_VOCAB + 24 + 24)
+    model.train()
+    batch = batch3()
+    logits = logits_of(model, batch)
+    assert logits.shape == (3, batch.tgt_in.size(1), TGT_VOCAB)
+    logits[batch.tgt_mask].logsumexp(-1).sum().backward()
+    assert model.decoder.embedding.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"encoder_hidden_size": -4}, "model.encoder_hidden_size"),
+        ({"decoder_hidden_size": 0}, "model.decoder_hidden_size"),
+        ({"embedding_size": -1}, "model.embedding_size"),
+        ({"encoder_layers": 0}, "model.encoder_layers"),
+        ({"dropout": 1.5}, "model.dropout"),
+        ({"dropout": -0.1}, "model.dropout"),
+        ({"attention": AttentionConfig(type=AttentionType.bahdanau, hidden_size=0)},
+         "model.attention.hidden_size"),
+        ({"decoder_hidden_size": 25}, "score=dot"),
+    ],
+)
+def test_bad_sizes_raise_config_error_naming_the_key(overrides, key):
+    cfg = model_config("luong-dot", **overrides)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_model(cfg, SRC_VOCAB, TGT_VOCAB, PAD_ID)
+
+
+def test_dot_with_equal_sizes_builds_and_general_accepts_any_sizes():
+    build_model(model_config("luong-dot"), SRC_VOCAB, TGT_VOCAB, PAD_ID)
+    build_model(model_config("luong-general", decoder_hidden_size=25), SRC_VOCAB, TGT_VOCAB, PAD_ID)
+    with pytest.raises(ConfigError):
+        build_model(model_config("luong-dot", decoder_hidden_size=25), SRC_VOCAB, TGT_VOCAB, PAD_ID)
+
+
+# ----------------------------------------------------------------------------- checkpoint round trip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Synthetic data, a SentencePiece model and a tiny Trainer (a few real updates)."""
+    from seq2seq.prepare import prepare_data
+    from seq2seq.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = DataConfig(corpus="synthetic", source=CorpusSource.synthetic, languages=["src", "tgt"],
+                      src_lang="src", tgt_lang="tgt", cache_dir=str(root / "cache"),
+                      synthetic=SyntheticConfig(train_size=200, valid_size=10, test_size=10, max_len=10))
+    cfg = TrainConfig(
+        name="tiny", data=data, tokenizer=TokenizerConfig(vocab_size=80, character_coverage=1.0),
+        model=dataclasses.replace(model_config("luong-general-feed"), tie_embeddings=True,
+                                  embedding_size=24),
+        trainer=TrainerConfig(max_steps=3, max_epochs=None, device="cpu", progress=False),
+    )
+    prepared = prepare_data(cfg.data, cfg.tokenizer)
+    trainer = Trainer(cfg, prepared, root / "run")
+    for indices in list(trainer.sampler.batches(0))[:3]:
+        assert trainer.train_step(trainer._batch(indices)) is not None
+    trainer.save("last")
+    return trainer, root / "run" / "checkpoints" / "last.pt"
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tiny_run):
+    from seq2seq.evaluation import load_model
+
+    trainer, path = tiny_run
+    loaded = load_model(Path(path), device="cpu")
+    assert loaded.model.description == trainer.model.description == "luong-general-feed"
+    assert loaded.model.output_layer.weight is loaded.model.decoder.embedding.weight
+    trainer.model.eval()
+    src = random_sentences(5, 1, 12, trainer.data.tokenizer.src_vocab_size, seed=3)
+    tgt = random_sentences(5, 1, 12, trainer.data.tokenizer.tgt_vocab_size, seed=4)
+    batch = make_batch(src, tgt)
+    with torch.no_grad():
+        expected = logits_of(trainer.model, batch)
+        got = logits_of(loaded.model, batch)
+    assert torch.equal(got, expected)
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor), name
+    # The tokenizer travels in the checkpoint too.
+    assert loaded.tokenizer.digest() == trainer.data.tokenizer.digest()
+
+
+def test_restore_continues_from_the_saved_position(tiny_run, tmp_path):
+    from seq2seq.trainer import Trainer
+
+    trainer, path = tiny_run
+    fresh = Trainer(trainer.cfg, trainer.data, tmp_path / "run")
+    fresh.restore(path)
+    assert fresh.progress == trainer.progress
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(fresh.model.state_dict()[name], tensor), name
+    saved = trainer.optimizer.state_dict()["state"]
+    restored = fresh.optimizer.state_dict()["state"]
+    assert saved.keys() == restored.keys() and saved
+    for k in saved:
+        assert torch.equal(saved[k]["exp_avg"], restored[k]["exp_avg"])
