@@ -60,8 +60,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
                 "plain values, which could run code; only load checkpoints written by seq2seq"
             ) from None
         raise CheckpointError(f"{path}: corrupt checkpoint ({err}); use another checkpoint") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+    except Exception as err:  # a corrupt file can make the unpickler raise anything (KeyError...)
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if not isinstance(err, (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError)):
+            reason = f"{type(err).__name__}: {reason}"
         raise CheckpointError(
             f"{path}: truncated or corrupt checkpoint ({reason[:120]}); use another checkpoint"
         ) from None

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from seq2seq.config import EvaluateConfig, TrainConfig, TranslateConfig, register_configs
-from seq2seq.errors import ConfigError, Seq2SeqError
+from seq2seq.errors import ConfigError, RunDirError, Seq2SeqError
 
 log = logging.getLogger("seq2seq")
 
@@ -144,6 +144,18 @@ def _resume_args(args: list[str]) -> list[str]:
     return [*map(str, previous), *args, f"hydra.run.dir={run_dir}"]
 
 
+def _refuse_used_run_dir(args: list[str]) -> None:
+    """A new run aimed (``hydra.run.dir=DIR``) at a directory that already holds one is refused
+    here, before Hydra rewrites DIR/.hydra/ (which would replace the overrides its resume needs)."""
+    if any(a.startswith("trainer.resume=") for a in args):
+        return
+    for a in args:
+        key, _, value = a.lstrip("+").partition("=")
+        if key == "hydra.run.dir" and (Path(value) / "checkpoints" / "last.pt").exists():
+            raise RunDirError(f"{value} already holds a training run; resume it with trainer.resume={value} "
+                              "or start a new run directory")
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
 def _train_task(dcfg: DictConfig) -> float | None:
     from seq2seq.pipeline import run_training
@@ -165,6 +177,7 @@ def train() -> None:
     args = sys.argv[1:]
     try:
         args = _resume_args(args)
+        _refuse_used_run_dir(args)
         compose_checked("train", [a for a in args if not a.startswith("-")])
     except Seq2SeqError as err:
         fail(err, err.exit_code)

@@ -105,7 +105,9 @@ def write_heatmaps(loaded: LoadedModel, src_clean: list[str], out_dir: Path, cou
     """Attention heatmaps (PNG, and TensorBoard images) for the first ``count`` sentences."""
     if count <= 0 or not src_clean:
         return []
-    chosen = src_clean[:count]
+    # Short sentences make readable pictures (and cheap ones): take the first that fit.
+    short = [s for s in src_clean if len(s.split()) <= 25]
+    chosen = (short or src_clean)[:count]
     ids = loaded.tokenizer.encode_src(chosen)
     from seq2seq.batching import collate
 

@@ -18,7 +18,7 @@ import torch
 from seq2seq.batching import Batch, collate
 from seq2seq.config import SearchConfig
 from seq2seq.model import Seq2Seq
-from seq2seq.tokenizer import BOS_ID, EOS_ID
+from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
 class Hypothesis(NamedTuple):
@@ -35,6 +35,15 @@ def max_lengths(src_lengths: torch.Tensor, cfg: SearchConfig, cap: int) -> torch
 
 def length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:
     return ((5.0 + length.float()) / 6.0) ** alpha
+
+
+def token_masks(vocab_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive (V,) masks: ``eos_only`` allows only EOS; ``never`` bans PAD and BOS, which are
+    never outputs (an undertrained model may still rank them high)."""
+    ids = torch.arange(vocab_size, device=device)
+    eos_only = torch.where(ids == EOS_ID, 0.0, float("-inf"))
+    never = torch.where((ids == PAD_ID) | (ids == BOS_ID), float("-inf"), 0.0)
+    return eos_only, never
 
 
 @torch.no_grad()
@@ -55,7 +64,8 @@ def greedy_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 51
         out = model.decode_step(prev, state, memory)
         logp = torch.log_softmax(out.logits.float(), dim=-1)
         if eos_only is None:
-            eos_only = torch.where(torch.arange(logp.size(1), device=device) == EOS_ID, 0.0, float("-inf"))
+            eos_only, never = token_masks(logp.size(1), device)
+        logp = logp + never
         at_cap = (t + 1) >= limits
         logp[at_cap] = logp[at_cap] + eos_only  # a sentence at its cap is forced to end
         step_score, prev = logp.max(dim=-1)
@@ -108,7 +118,8 @@ def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512)
         logp = torch.log_softmax(out.logits.float(), dim=-1)  # (B*K, V)
         v = logp.size(-1)
         if eos_only is None:
-            eos_only = torch.where(torch.arange(v, device=device) == EOS_ID, 0.0, float("-inf"))
+            eos_only, never = token_masks(v, device)
+        logp = logp + never
         at_cap = ((t + 1) >= limits).repeat_interleave(k)
         logp[at_cap] = logp[at_cap] + eos_only  # at the cap only EOS may follow
         cand = (scores.unsqueeze(-1) + logp.view(b, k, v)).view(b, k * v)  # (B, K*V)

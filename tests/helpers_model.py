@@ -37,13 +37,17 @@ def model_config(variant: str, **overrides) -> ModelConfig:
 
 
 def make_model(variant: str, seed: int = 0, src_vocab: int = SRC_VOCAB, tgt_vocab: int = TGT_VOCAB,
-               eos_bias: float = 0.0, **overrides) -> Seq2Seq:
-    """A randomly initialised tiny model in eval mode. ``eos_bias`` is added to the EOS logit
-    (positive: sentences end sooner; very negative: they never end on their own)."""
+               eos_bias: float = 0.0, scale: float = 1.0, **overrides) -> Seq2Seq:
+    """A randomly initialised tiny model in eval mode. Every weight is multiplied by ``scale``
+    (above 1, an untrained model's output depends more on its input); ``eos_bias`` is added to the
+    EOS logit (positive: sentences end sooner; very negative: they never end on their own)."""
     torch.manual_seed(seed)
     model = build_model(model_config(variant, **overrides), src_vocab, tgt_vocab, PAD_ID)
-    if eos_bias:
-        with torch.no_grad():
+    with torch.no_grad():
+        if scale != 1.0:
+            for p in model.parameters():
+                p.mul_(scale)
+        if eos_bias:
             model.output_layer.bias[EOS_ID] += eos_bias
     return model.eval()
 

@@ -1,0 +1,236 @@
+"""Greedy decoding and beam search: beam 1 is greedy, batching changes nothing, length caps hold,
+beam finds at least as probable a hypothesis (and the exact optimum when the beam can hold every
+prefix), and ``translate_ids`` keeps the input order."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from helpers_model import (
+    SRC_VOCAB,
+    logits_of,
+    make_batch,
+    make_model,
+    random_sentences,
+    sequence_logprob,
+)
+
+from seq2seq.config import SearchConfig
+from seq2seq.search import (
+    beam_search,
+    decode,
+    greedy_search,
+    max_lengths,
+    search_label,
+    translate_ids,
+)
+from seq2seq.tokenizer import EOS_ID
+
+CPU = torch.device("cpu")
+# (variant, seed, EOS bias, weight scale): untrained models with flat (scale 1) and peakier output
+# distributions; with these, a beam of 1 that let a runner-up EOS finish a hypothesis differed from
+# greedy decoding.
+MODELS = [("bahdanau", 2, 0.0, 1.0), ("bahdanau", 2, 0.0, 1.5), ("bahdanau", 0, 0.0, 2.5),
+          ("none", 2, 0.0, 1.0), ("none", 2, 0.0, 1.5), ("luong-general-feed", 0, 0.0, 1.0),
+          ("luong-general-feed", 0, 0.0, 1.5), ("luong-general-feed", 4, 1.0, 2.5),
+          ("luong-concat", 1, 1.0, 1.5), ("luong-dot", 2, 0.0, 1.0)]
+MODEL_IDS = [f"{v}-seed{s}-eos{b:g}-x{k:g}" for v, s, b, k in MODELS]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def next_logprobs(model, src: list[int], prefix: list[int]) -> torch.Tensor:
+    """(V,) log-probabilities of the token after ``prefix``, by teacher forcing."""
+    batch = make_batch([src], [prefix])
+    with torch.no_grad():
+        return torch.log_softmax(logits_of(model, batch)[0, len(prefix)].double(), dim=-1)
+
+
+def assert_same_or_tie(model, src: list[int], a: list[int], b: list[int], tol: float = 1e-4) -> None:
+    """``a`` and ``b`` are the same tokens, or they part where two tokens are (numerically)
+    equally probable, a tie that float rounding may break either way."""
+    if a == b:
+        return
+    ext_a, ext_b = [*a, EOS_ID], [*b, EOS_ID]
+    i = next(i for i, (x, y) in enumerate(zip(ext_a, ext_b)) if x != y)
+    logp = next_logprobs(model, src, a[:i])
+    gap = abs(float(logp[ext_a[i]] - logp[ext_b[i]]))
+    assert gap < tol, f"outputs part at position {i} ({ext_a[i]} vs {ext_b[i]}, log-prob gap {gap:.2e}): {a} vs {b}"
+
+
+# ----------------------------------------------------------------------------- beam 1 == greedy
+
+
+@pytest.mark.parametrize(("variant", "seed", "eos_bias", "scale"), MODELS, ids=MODEL_IDS)
+def test_beam_size_one_is_greedy(variant, seed, eos_bias, scale):
+    model = make_model(variant, seed, eos_bias=eos_bias, scale=scale)
+    src = random_sentences(8, 1, 9, SRC_VOCAB, seed)
+    batch = make_batch(src)
+    greedy = greedy_search(model, batch, SearchConfig())
+    for alpha in (0.0, 0.6, 1.0, 2.0):
+        beam = beam_search(model, batch, SearchConfig(beam_size=1, length_penalty=alpha))
+        for s, g, b in zip(src, greedy, beam):
+            assert_same_or_tie(model, s, g.tokens, b.tokens)
+            if g.tokens == b.tokens:
+                n = len(g.tokens) + 1  # EOS counts
+                assert b.score == pytest.approx(g.score / ((5 + n) / 6) ** alpha, abs=1e-4)
+    # decode() picks greedy for beam size 1
+    assert [h.tokens for h in decode(model, batch, SearchConfig(beam_size=1))] == [h.tokens for h in greedy]
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+@pytest.mark.parametrize(("variant", "seed", "eos_bias", "scale"), MODELS[1::2], ids=MODEL_IDS[1::2])
+def test_batched_and_one_at_a_time_decoding_agree(variant, seed, eos_bias, scale):
+    model = make_model(variant, seed, eos_bias=eos_bias, scale=scale)
+    src = random_sentences(7, 1, 12, SRC_VOCAB, seed + 100)
+    batch = make_batch(src)
+    for cfg in (SearchConfig(), SearchConfig(beam_size=5)):
+        together = decode(model, batch, cfg)
+        for s, hyp in zip(src, together):
+            alone = decode(model, make_batch([s]), cfg)[0]
+            if cfg.beam_size == 1:
+                assert_same_or_tie(model, s, hyp.tokens, alone.tokens)
+            else:
+                assert hyp.tokens == alone.tokens
+                assert hyp.score == pytest.approx(alone.score, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- length caps
+
+
+def _expected_tokens(src_len: int, ratio: float, offset: int, cap: int) -> int:
+    """Tokens before the forced EOS: the cap counts EOS, and source length counts its EOS."""
+    return min(max(math.ceil((src_len + 1) * ratio) + offset, 1), cap) - 1
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+@pytest.mark.parametrize(("ratio", "offset", "cap"), [(2.0, 10, 512), (1.5, 2, 512), (1.0, 0, 512),
+                                                      (2.0, 10, 7), (0.0, 0, 512)])
+def test_length_cap_is_respected(beam_size, ratio, offset, cap):
+    model = make_model("bahdanau", 0, eos_bias=-1e4)  # never ends on its own
+    src = [[5] * n for n in (1, 2, 4, 9, 13)]
+    cfg = SearchConfig(beam_size=beam_size, max_len_ratio=ratio, max_len_offset=offset)
+    hyps = decode(model, make_batch(src), cfg, cap=cap)
+    got = [len(h.tokens) for h in hyps]
+    assert got == [_expected_tokens(len(s), ratio, offset, cap) for s in src]
+    assert all(EOS_ID not in h.tokens for h in hyps)
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_a_model_that_ends_at_once_gives_empty_hypotheses(beam_size):
+    model = make_model("luong-general", 0, eos_bias=1e4)
+    hyps = decode(model, make_batch([[4, 5, 6], [7]]), SearchConfig(beam_size=beam_size))
+    assert [h.tokens for h in hyps] == [[], []]
+
+
+def test_max_lengths():
+    lengths = torch.tensor([1, 5, 100])
+    cfg = SearchConfig(max_len_ratio=1.5, max_len_offset=3)
+    assert max_lengths(lengths, cfg, cap=512).tolist() == [5, 11, 153]
+    assert max_lengths(lengths, cfg, cap=20).tolist() == [5, 11, 20]
+    assert max_lengths(lengths, SearchConfig(max_len_ratio=0.0, max_len_offset=0), cap=9).tolist() == [1, 1, 1]
+
+
+def test_a_ten_thousand_token_source_is_translated_with_a_capped_output():
+    src = [random_sentences(1, 10_000, 10_000, SRC_VOCAB, seed=9)[0], [4, 5, 6]]
+    for bias, beam_size in ((-1e4, 1), (-1e4, 3), (0.0, 1)):
+        model = make_model("bahdanau", 1, eos_bias=bias)
+        hyps = translate_ids(model, src, SearchConfig(beam_size=beam_size), CPU, cap=20)
+        assert len(hyps[0].tokens) <= 19
+        if bias < 0:  # cannot end early: exactly the cap (EOS counted) for the long one
+            assert len(hyps[0].tokens) == 19
+            assert len(hyps[1].tokens) == _expected_tokens(3, 2.0, 10, 20)
+
+
+# ----------------------------------------------------------------------------- search quality
+
+
+@pytest.mark.parametrize(("variant", "seed", "eos_bias", "scale"), MODELS, ids=MODEL_IDS)
+def test_beam_finds_at_least_as_probable_a_hypothesis_as_greedy(variant, seed, eos_bias, scale):
+    model = make_model(variant, seed, eos_bias=eos_bias, scale=scale)
+    src = random_sentences(6, 1, 8, SRC_VOCAB, seed + 200)
+    batch = make_batch(src)
+    greedy = greedy_search(model, batch, SearchConfig())
+    beam = beam_search(model, batch, SearchConfig(beam_size=5, length_penalty=0.0))
+    normalised = beam_search(model, batch, SearchConfig(beam_size=5, length_penalty=1.0))
+    for s, g, b, nb in zip(src, greedy, beam, normalised):
+        g_logp = sequence_logprob(model, s, g.tokens)
+        b_logp = sequence_logprob(model, s, b.tokens)
+        # The reported scores are the sequences' log-probabilities (EOS included) ...
+        assert g.score == pytest.approx(g_logp, abs=1e-3)
+        assert b.score == pytest.approx(b_logp, abs=1e-3)
+        # ... and with alpha = 1 the log-probability over ((5 + n) / 6).
+        n = len(nb.tokens) + 1
+        assert nb.score == pytest.approx(sequence_logprob(model, s, nb.tokens) / ((5 + n) / 6), abs=1e-3)
+        assert b_logp >= g_logp - 1e-4
+
+
+def test_a_beam_that_holds_every_prefix_finds_the_exact_optimum():
+    """Vocabulary 6 (5 tokens besides EOS), at most 2 tokens: 31 hypotheses in all. A beam of 30
+    keeps every prefix, so with no length penalty it must return the most probable one."""
+    cfg = SearchConfig(beam_size=30, length_penalty=0.0, max_len_ratio=0.0, max_len_offset=3)
+    words = [t for t in range(6) if t != EOS_ID]
+    candidates = [list(c) for n in range(3) for c in itertools.product(words, repeat=n)]
+    assert len(candidates) == 31
+    for seed in range(6):
+        model = make_model("luong-general-feed", seed, tgt_vocab=6, eos_bias=-1.0 + seed * 0.5)
+        src = random_sentences(1, 2, 6, SRC_VOCAB, seed)[0]
+        best = max(sequence_logprob(model, src, c) for c in candidates)
+        hyp = beam_search(model, make_batch([src]), cfg)[0]
+        assert len(hyp.tokens) <= 2
+        assert sequence_logprob(model, src, hyp.tokens) == pytest.approx(best, abs=1e-5)
+        assert hyp.score == pytest.approx(best, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- translate_ids
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_translate_ids_keeps_the_input_order(beam_size):
+    src = [random_sentences(1, n, n, SRC_VOCAB, seed=n)[0] for n in (5, 1, 9, 3, 7, 2, 8, 4)]
+    cfg = SearchConfig(beam_size=beam_size, batch_size=3)
+    # A model that decides itself when to stop, with input-dependent output ...
+    model = make_model("luong-general-feed", 0, scale=2.5)
+    hyps = translate_ids(model, src, cfg, CPU)
+    assert len(hyps) == len(src)
+    alone = [decode(model, make_batch([s]), cfg)[0] for s in src]
+    for s, h, a in zip(src, hyps, alone):
+        assert_same_or_tie(model, s, h.tokens, a.tokens)
+    assert len({tuple(h.tokens) for h in hyps}) >= 4  # distinct outputs: a reordering would show
+    # ... and one that runs to each sentence's own length cap.
+    model = make_model("bahdanau", 0, eos_bias=-1e4)
+    lengths = [len(h.tokens) for h in translate_ids(model, src, cfg, CPU)]
+    assert lengths == [_expected_tokens(len(s), cfg.max_len_ratio, cfg.max_len_offset, 512) for s in src]
+
+
+def test_translate_ids_with_no_sentences():
+    assert translate_ids(make_model("none"), [], SearchConfig(), CPU) == []
+
+
+def test_greedy_attention_rows_cover_each_source_and_sum_to_one():
+    model = make_model("bahdanau", 1, eos_bias=2.0)
+    src = [[4, 5, 6, 7, 8, 9], [10, 11]]
+    hyps = greedy_search(model, make_batch(src), SearchConfig(), keep_attention=True)
+    for s, h in zip(src, hyps):
+        assert h.attention.shape == (len(h.tokens) + 1, len(s) + 1)  # EOS on both sides
+        torch.testing.assert_close(h.attention.sum(-1), torch.ones(len(h.tokens) + 1), atol=1e-5, rtol=0)
+    # A model without attention has none to keep.
+    none = greedy_search(make_model("none"), make_batch(src), SearchConfig(), keep_attention=True)
+    assert all(h.attention is None for h in none)
+
+
+def test_search_label():
+    assert search_label(SearchConfig()) == "greedy"
+    assert search_label(SearchConfig(beam_size=5)) == "beam5"
+    assert search_label(SearchConfig(beam_size=5, length_penalty=0.6)) == "beam5-lp0.6"
