@@ -9,10 +9,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from seq2seq.config import EvaluateConfig, TrainConfig
+from datasets import Dataset
+
+from seq2seq.config import EvalConfig, EvaluateConfig, SearchConfig, TrainConfig
 from seq2seq.corpus import check_languages, load_corpus, read_lines
 from seq2seq.errors import DataError, RunDirError
-from seq2seq.evaluation import eval_dir_name, evaluate, find_checkpoint, load_model, translate_lines
+from seq2seq.evaluation import (
+    LoadedModel,
+    eval_dir_name,
+    evaluate,
+    find_checkpoint,
+    load_model,
+    translate_lines,
+)
 from seq2seq.prepare import prepare_data
 from seq2seq.report import EvalReport, format_summary
 from seq2seq.tracking import Tracker
@@ -60,7 +69,11 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> list[EvalReport]:
     progress = trainer.fit()
     if not progress.finished:  # stopped by a signal: `last` is saved, evaluation would be premature
         return []
-    reports = evaluate_run(run_dir, cfg, splits=data.test_splits, raw=data.splits) if cfg.trainer.evaluate_at_end else []
+    reports = []
+    if cfg.trainer.evaluate_at_end:
+        loaded = load_model(find_checkpoint(run_dir, "best"), cfg.trainer.device)
+        texts = {split: raw_texts(data.splits[split]) for split in data.test_splits}
+        reports = evaluate_run(run_dir, loaded, texts, cfg.search, cfg.eval)
     summary = {
         "model": trainer.model.description,
         "num_parameters": trainer.num_parameters,
@@ -109,22 +122,17 @@ def log_hparams(run_dir: Path, cfg: TrainConfig, summary: dict, reports: list[Ev
         tracker.close()
 
 
-def evaluate_run(run_dir: Path, cfg: TrainConfig, splits: list[str], raw=None, which: str = "best",
-                 search=None, eval_cfg=None) -> list[EvalReport]:
-    loaded = load_model(find_checkpoint(run_dir, which), cfg.trainer.device)
-    search = search or cfg.search
-    eval_cfg = eval_cfg or cfg.eval
+def evaluate_run(run_dir: Path, loaded: LoadedModel, texts: dict[str, tuple[list[str], list[str]]],
+                 search: SearchConfig, eval_cfg: EvalConfig) -> list[EvalReport]:
+    """Evaluate ``loaded`` on each split of ``texts`` (split -> raw sources, raw references),
+    writing ``<run dir>/eval/<split>[-<search>]/`` and printing each summary table."""
     tracker = Tracker(run_dir)
     reports = []
     try:
-        for i, split in enumerate(splits):
-            ds = raw[split] if raw is not None and split in raw else load_split(cfg, split)
+        for i, (split, (src, refs)) in enumerate(texts.items()):
             tag = "test" if i == 0 else f"test_{split}"
-            report, out_dir = evaluate(loaded, list(ds["raw_src"] if "raw_src" in ds.column_names else ds["src"]),
-                                       list(ds["ref"] if "ref" in ds.column_names else ds["tgt"]),
-                                       cfg.data.corpus, split, search, eval_cfg,
-                                       run_dir / "eval" / eval_dir_name(split, search), tracker, tag,
-                                       0)
+            report, out_dir = evaluate(loaded, src, refs, loaded.cfg.data.corpus, split, search, eval_cfg,
+                                       run_dir / "eval" / eval_dir_name(split, search), tracker, tag)
             print(format_summary(report), file=sys.stdout, flush=True)
             print(f"report: {out_dir}", file=sys.stdout, flush=True)
             reports.append(report)
@@ -133,7 +141,14 @@ def evaluate_run(run_dir: Path, cfg: TrainConfig, splits: list[str], raw=None, w
     return reports
 
 
-def load_split(cfg: TrainConfig, split: str):
+def raw_texts(ds: Dataset) -> tuple[list[str], list[str]]:
+    """Raw source lines and raw references of a loaded (or cleaned) split."""
+    cols = ("raw_src", "ref") if "ref" in ds.column_names else ("src", "tgt")
+    table = ds.select_columns(list(cols))[:]
+    return table[cols[0]], table[cols[1]]
+
+
+def load_split(cfg: TrainConfig, split: str) -> Dataset:
     """One raw split of the run's corpus (nothing dropped)."""
     data = dataclasses.replace(cfg.data, train_split=split, valid_split=split, test_splits=[split])
     return load_corpus(data)[split]
@@ -141,9 +156,9 @@ def load_split(cfg: TrainConfig, split: str):
 
 def run_evaluate(ecfg: EvaluateConfig) -> list[EvalReport]:
     run_dir = Path(ecfg.run_dir)
-    loaded_cfg = load_model(find_checkpoint(run_dir, ecfg.checkpoint.value), ecfg.device).cfg
+    loaded = load_model(find_checkpoint(run_dir, ecfg.checkpoint.value), ecfg.device)
     if ecfg.data_root is not None:
-        loaded_cfg.data.root = ecfg.data_root
+        loaded.cfg.data.root = ecfg.data_root
     if ecfg.src_file is not None or ecfg.ref_file is not None:
         if ecfg.src_file is None or ecfg.ref_file is None:
             raise DataError("give both src_file=... and ref_file=... (or neither, to use split=...)")
@@ -156,20 +171,11 @@ def run_evaluate(ecfg: EvaluateConfig) -> list[EvalReport]:
             raise DataError(f"{src_path} has {len(src)} lines but {ref_path} has {len(ref)}; they must be line-aligned")
         if not src:
             raise DataError(f"{src_path} is empty")
-        name = ecfg.name or src_path.name.split(".")[0]
-        raw = {name: _as_dataset(src, ref)}
-        splits = [name]
+        texts = {ecfg.name or src_path.name.split(".")[0]: (src, ref)}
     else:
-        splits = [ecfg.split] if ecfg.split else list(loaded_cfg.data.test_splits)
-        raw = None
-    return evaluate_run(run_dir, loaded_cfg, splits, raw=raw, which=ecfg.checkpoint.value,
-                        search=ecfg.search, eval_cfg=ecfg.eval)
-
-
-def _as_dataset(src: list[str], ref: list[str]):
-    from datasets import Dataset
-
-    return Dataset.from_dict({"raw_src": src, "ref": ref})
+        splits = [ecfg.split] if ecfg.split else list(loaded.cfg.data.test_splits)
+        texts = {split: raw_texts(load_split(loaded.cfg, split)) for split in splits}
+    return evaluate_run(run_dir, loaded, texts, ecfg.search, ecfg.eval)
 
 
 def run_translate(run_dir: Path, which: str, search, device, stream_in, stream_out) -> int:

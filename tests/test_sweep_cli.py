@@ -1,0 +1,36 @@
+"""A real (tiny) Hydra multirun on the synthetic corpus, compared with seq2seq-compare."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from test_train_cli import ok, run_cli
+
+from seq2seq.compare_runs import find_run_dirs
+
+
+def test_multirun_sweep_ends_in_a_comparison(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    ok(run_cli("seq2seq-train", ["-m", "experiment=smoke", "model/attention=none,bahdanau", "trainer.max_steps=12",
+                                 "trainer.valid_every=6", "eval.heatmaps=0", "eval.bootstrap_samples=200"],
+               tmp_path, cache, timeout=600))
+    sweeps = list((tmp_path / "outputs" / "smoke" / "multirun").iterdir())
+    assert len(sweeps) == 1
+    sweep = sweeps[0]
+    runs = find_run_dirs([sweep])
+    assert len(runs) == 2
+    for run in runs:  # both runs log under the sweep, so one tensorboard --logdir overlays them
+        assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+        assert json.loads((run / "summary.json").read_text())["finished"] is True
+
+    proc = ok(run_cli("seq2seq-compare", [str(sweep), "--bootstrap", "200"], tmp_path, cache))
+    assert "none" in proc.stdout.decode() and "bahdanau" in proc.stdout.decode()
+    for name in ("comparison.md", "comparison.csv", "comparison.json", "bleu_by_length.png",
+                 "bleu_by_length_relative.png"):
+        assert (sweep / name).is_file(), name
+    rows = list(csv.DictReader((sweep / "comparison.csv").open()))
+    assert {r["label"] for r in rows} == {"none", "bahdanau"}
+    result = json.loads((sweep / "comparison.json").read_text())
+    assert result["baseline"] == "none"
