@@ -1,0 +1,150 @@
+"""The training loop in-process: exact resume, graceful stop, non-finite guard, schedules."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from seq2seq.cli import compose_checked
+from seq2seq.config import TeacherForcingSchedule, TrainConfig, register_configs
+from seq2seq.errors import ConfigError, TrainingError
+from seq2seq.prepare import PreparedData, prepare_data
+from seq2seq.trainer import Trainer, check_trainer_config, teacher_forcing_ratio
+
+torch.set_num_threads(1)
+
+
+def smoke_config(cache: Path, *overrides: str) -> TrainConfig:
+    register_configs()
+    cfg = compose_checked("train", ["experiment=smoke", f"data.cache_dir={cache}", "trainer.log_every=1",
+                                    "trainer.valid_max_sentences=8", "model.dropout=0.1", *overrides])
+    return OmegaConf.to_object(cfg)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> tuple[Path, PreparedData]:
+    cache = tmp_path_factory.mktemp("cache")
+    cfg = smoke_config(cache)
+    return cache, prepare_data(cfg.data, cfg.tokenizer)
+
+
+def record_losses(trainer: Trainer) -> list[float]:
+    """Wrap train_step so every update's loss is kept."""
+    losses: list[float] = []
+    original = trainer.train_step
+
+    def step(batch):
+        result = original(batch)
+        losses.append(result[0] if result else math.nan)
+        return result
+
+    trainer.train_step = step  # type: ignore[method-assign]
+    return losses
+
+
+def test_resume_continues_exactly(prepared, tmp_path: Path) -> None:
+    cache, data = prepared
+    # An epoch of the smoke corpus is 29 batches: stop mid-epoch (after a validation at 10) and
+    # cross an epoch boundary after the resume.
+    full_cfg = smoke_config(cache, "trainer.max_steps=36", "trainer.valid_every=10", "trainer.patience=0")
+    full = Trainer(full_cfg, data, tmp_path / "full")
+    expected = record_losses(full)
+    full.fit()
+
+    first_cfg = smoke_config(cache, "trainer.max_steps=10", "trainer.valid_every=10", "trainer.patience=0")
+    first = Trainer(first_cfg, data, tmp_path / "split")
+    got = record_losses(first)
+    first.fit()
+
+    second = Trainer(full_cfg, data, tmp_path / "split")
+    second.restore(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert second.progress.step == 10
+    rest = record_losses(second)
+    second.fit()
+    assert second.progress.step == 36 and second.progress.epoch == 1
+    assert len(expected) == 36
+    assert got + rest == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_signal_saves_last_and_stops(prepared, tmp_path: Path) -> None:
+    cache, data = prepared
+    cfg = smoke_config(cache, "trainer.max_steps=30", "trainer.valid_every=100")
+    trainer = Trainer(cfg, data, tmp_path)
+    original = trainer.train_step
+
+    def step(batch):
+        result = original(batch)
+        if trainer.progress.step == 6:  # the step about to be counted is the 7th
+            trainer._request_stop(15, None)
+        return result
+
+    trainer.train_step = step  # type: ignore[method-assign]
+    progress = trainer.fit()
+    assert progress.step == 7 and not progress.finished
+    resumed = Trainer(cfg, data, tmp_path)
+    resumed.restore(tmp_path / "checkpoints" / "last.pt")
+    assert resumed.progress.step == 7
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(prepared, tmp_path: Path) -> None:
+    cache, data = prepared
+    cfg = smoke_config(cache, "trainer.max_steps=30", "trainer.valid_every=100", "trainer.max_nonfinite_steps=3")
+    trainer = Trainer(cfg, data, tmp_path)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer._loss = lambda batch, tf: torch.tensor(float("nan"), requires_grad=True)  # type: ignore[method-assign]
+    with pytest.raises(TrainingError, match="3 consecutive updates"):
+        trainer.fit()
+    assert trainer.progress.skipped_steps == 3
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no update was applied
+
+
+def test_non_finite_model_is_never_saved(prepared, tmp_path: Path) -> None:
+    cache, data = prepared
+    trainer = Trainer(smoke_config(cache), data, tmp_path)
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("inf"))
+    trainer.save("last")
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("schedule", list(TeacherForcingSchedule))
+def test_teacher_forcing_schedules(prepared, schedule: TeacherForcingSchedule) -> None:
+    cache, _ = prepared
+    cfg = smoke_config(cache, "trainer.teacher_forcing=1.0", f"trainer.teacher_forcing_schedule={schedule.value}",
+                       "trainer.teacher_forcing_min=0.25", "trainer.teacher_forcing_decay_steps=100",
+                       "trainer.teacher_forcing_k=10")
+    values = [teacher_forcing_ratio(cfg, s) for s in (0, 50, 100, 10_000)]
+    assert all(0.25 <= v <= 1.0 for v in values)
+    assert values == sorted(values, reverse=True)  # never increases
+    if schedule == TeacherForcingSchedule.constant:
+        assert values == [1.0] * 4
+    else:
+        assert values[-1] == pytest.approx(0.25) and values[0] > 0.9
+    if schedule == TeacherForcingSchedule.linear:
+        assert values[1] == pytest.approx(0.625)
+
+
+def test_scheduled_sampling_trains(prepared, tmp_path: Path) -> None:
+    cache, data = prepared
+    cfg = smoke_config(cache, "trainer.max_steps=4", "trainer.valid_every=4", "trainer.teacher_forcing=0.5",
+                       "trainer.evaluate_at_end=false")
+    trainer = Trainer(cfg, data, tmp_path)
+    losses = record_losses(trainer)
+    trainer.fit()
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=nan", "optim.lr"), ("optim.lr=-1", "optim.lr"), ("trainer.max_tokens=0", "trainer.max_tokens"),
+    ("trainer.teacher_forcing=1.5", "trainer.teacher_forcing"), ("trainer.label_smoothing=1.0", "trainer.label_smoothing"),
+    ("search.beam_size=0", "search.beam_size"), ("trainer.max_steps=-5", "trainer.max_steps"),
+])
+def test_bad_trainer_values_name_the_key(prepared, override: str, key: str) -> None:
+    cache, _ = prepared
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        check_trainer_config(smoke_config(cache, override))
