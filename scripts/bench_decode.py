@@ -26,8 +26,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    from seq2seq.cleaning import normalize
     from seq2seq.config import SearchConfig
-    from seq2seq.corpus import normalize
     from seq2seq.evaluation import find_checkpoint, load_model
     from seq2seq.pipeline import load_split
     from seq2seq.search import translate_ids

@@ -164,12 +164,22 @@ def _train_task(dcfg: DictConfig) -> float | None:
     try:
         cfg: TrainConfig = OmegaConf.to_object(dcfg)
         reports = run_training(cfg, run_dir)
+        print_reports(reports)
     except Seq2SeqError as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # one bad job must not end the sweep
             log.error("%s: %s", run_dir, err)
             return None
         fail(err, err.exit_code)
-    return reports[0].score.bleu if reports else None
+    return reports[0][0].score.bleu if reports else None
+
+
+def print_reports(reports: list) -> None:
+    """The per-bucket summary of each evaluation, on stdout (the commands' own output)."""
+    from seq2seq.report import format_summary
+
+    for report, out_dir in reports:
+        print(format_summary(report), flush=True)
+        print(f"report: {out_dir}\n", flush=True)
 
 
 def train() -> None:
@@ -211,7 +221,7 @@ def evaluate() -> None:
         from seq2seq.pipeline import run_evaluate
 
         cfg: EvaluateConfig = OmegaConf.to_object(dcfg)
-        run_evaluate(cfg)
+        print_reports(run_evaluate(cfg))
         return 0
 
     _simple_command("evaluate", run)

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from seq2seq.checkpoint import load_checkpoint, tensor_to_bytes
+from seq2seq.cleaning import normalize
 from seq2seq.config import Device, EvalConfig, SearchConfig, TrainConfig, from_plain_dict
-from seq2seq.corpus import normalize
 from seq2seq.errors import CheckpointError, ConfigError, RunDirError
 from seq2seq.metrics import bleu_by_length, corpus_score
 from seq2seq.model import Seq2Seq, build_model

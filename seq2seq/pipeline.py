@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from seq2seq.evaluation import (
     translate_lines,
 )
 from seq2seq.prepare import prepare_data
-from seq2seq.report import EvalReport, format_summary
+from seq2seq.report import EvalReport
 from seq2seq.tracking import Tracker
 from seq2seq.trainer import Trainer, check_trainer_config
 
@@ -41,7 +40,7 @@ def check_writable(run_dir: Path) -> None:
                           "choose another with hydra.run.dir=... or free the disk") from None
 
 
-def run_training(cfg: TrainConfig, run_dir: Path) -> list[EvalReport]:
+def run_training(cfg: TrainConfig, run_dir: Path) -> list[tuple[EvalReport, Path]]:
     """Train (or resume) in ``run_dir``, then evaluate the best checkpoint on the test splits."""
     check_writable(run_dir)
     check_trainer_config(cfg)
@@ -85,10 +84,10 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> list[EvalReport]:
         "train_tokens_per_s": progress.train_tokens / max(progress.train_seconds, 1e-9),
         "skipped_steps": progress.skipped_steps,
         "finished": progress.finished,
-        "test": {r.split: {"bleu": r.score.bleu, "chrf": r.score.chrf} for r in reports},
+        "test": {r.split: {"bleu": r.score.bleu, "chrf": r.score.chrf} for r, _ in reports},
     }
     write_json(run_dir / "summary.json", summary)
-    log_hparams(run_dir, cfg, summary, reports)
+    log_hparams(run_dir, cfg, summary, [r for r, _ in reports])
     return reports
 
 
@@ -123,9 +122,9 @@ def log_hparams(run_dir: Path, cfg: TrainConfig, summary: dict, reports: list[Ev
 
 
 def evaluate_run(run_dir: Path, loaded: LoadedModel, texts: dict[str, tuple[list[str], list[str]]],
-                 search: SearchConfig, eval_cfg: EvalConfig) -> list[EvalReport]:
+                 search: SearchConfig, eval_cfg: EvalConfig) -> list[tuple[EvalReport, Path]]:
     """Evaluate ``loaded`` on each split of ``texts`` (split -> raw sources, raw references),
-    writing ``<run dir>/eval/<split>[-<search>]/`` and printing each summary table."""
+    writing ``<run dir>/eval/<split>[-<search>]/``; returns each report with its folder."""
     tracker = Tracker(run_dir)
     reports = []
     try:
@@ -133,9 +132,7 @@ def evaluate_run(run_dir: Path, loaded: LoadedModel, texts: dict[str, tuple[list
             tag = "test" if i == 0 else f"test_{split}"
             report, out_dir = evaluate(loaded, src, refs, loaded.cfg.data.corpus, split, search, eval_cfg,
                                        run_dir / "eval" / eval_dir_name(split, search), tracker, tag)
-            print(format_summary(report), file=sys.stdout, flush=True)
-            print(f"report: {out_dir}", file=sys.stdout, flush=True)
-            reports.append(report)
+            reports.append((report, out_dir))
     finally:
         tracker.close()
     return reports
@@ -154,7 +151,7 @@ def load_split(cfg: TrainConfig, split: str) -> Dataset:
     return load_corpus(data)[split]
 
 
-def run_evaluate(ecfg: EvaluateConfig) -> list[EvalReport]:
+def run_evaluate(ecfg: EvaluateConfig) -> list[tuple[EvalReport, Path]]:
     run_dir = Path(ecfg.run_dir)
     loaded = load_model(find_checkpoint(run_dir, ecfg.checkpoint.value), ecfg.device)
     if ecfg.data_root is not None:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, disable_progress_bars
 
+from seq2seq.cleaning import clean_corpus, fingerprint
 from seq2seq.config import DataConfig, TokenizerConfig
-from seq2seq.corpus import clean_corpus, fingerprint, load_corpus
+from seq2seq.corpus import load_corpus
 from seq2seq.errors import DataError
 from seq2seq.tokenizer import Tokenizer, build_tokenizer, tokenizer_key
 

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -23,9 +21,7 @@ from seq2seq.batching import Batch, TokenBatchSampler, collate
 from seq2seq.checkpoint import bytes_to_tensor, load_checkpoint, save_checkpoint
 from seq2seq.config import (
     Device,
-    OptimizerName,
     Precision,
-    SchedulerName,
     TeacherForcingSchedule,
     TrainConfig,
     as_plain_dict,
@@ -33,7 +29,9 @@ from seq2seq.config import (
 from seq2seq.errors import ConfigError, RunDirError, TrainingError
 from seq2seq.metrics import corpus_score
 from seq2seq.model import Seq2Seq, build_model, count_parameters
+from seq2seq.optim import build_optimizer, build_scheduler
 from seq2seq.prepare import PreparedData
+from seq2seq.rng import rng_state, seed_everything, set_rng_state
 from seq2seq.search import translate_ids
 from seq2seq.tokenizer import PAD_ID
 from seq2seq.tracking import Tracker
@@ -66,29 +64,6 @@ def teacher_forcing_ratio(cfg: TrainConfig, step: int) -> float:
         return max(t.teacher_forcing_min, t.teacher_forcing - frac * (t.teacher_forcing - t.teacher_forcing_min))
     k = t.teacher_forcing_k
     return max(t.teacher_forcing_min, t.teacher_forcing * k / (k + math.exp(min(step / k, 700.0))))
-
-
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    o = cfg.optim
-    cls = torch.optim.AdamW if o.name == OptimizerName.adamw else torch.optim.Adam
-    return cls(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
-
-
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
-    o = cfg.optim
-    if o.scheduler == SchedulerName.plateau:
-        # Stepped with the validation BLEU, so "better" is higher.
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=o.plateau_factor, patience=o.plateau_patience, min_lr=o.min_lr)
-    if o.scheduler == SchedulerName.warmup_decay:
-        warmup = max(1, o.warmup_steps)
-        floor = o.min_lr / o.lr
-
-        def warmup_then_inverse_sqrt(step: int) -> float:
-            return max(floor, min((step + 1) / warmup, math.sqrt(warmup / (step + 1))))
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_inverse_sqrt)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
 def check_trainer_config(cfg: TrainConfig) -> None:
@@ -133,31 +108,6 @@ class Progress:
     train_seconds: float = 0.0
     train_tokens: int = 0
     finished: bool = False
-
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Trainer:

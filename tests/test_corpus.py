@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, DatasetDict
 
-from seq2seq.corpus import clean_corpus, clean_split, load_corpus, normalize, read_lines
+from seq2seq.cleaning import clean_corpus, clean_split, normalize
+from seq2seq.corpus import load_corpus, read_lines
 from seq2seq.errors import ConfigError, DataError, Seq2SeqError
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import seq2seq.tokenizer as tokenizer_module
+from seq2seq.cleaning import normalize
 from seq2seq.config import SpmModelType, TokenizerConfig
-from seq2seq.corpus import normalize
 from seq2seq.errors import ConfigError
 from seq2seq.prepare import prepare_data
 from seq2seq.tokenizer import (
