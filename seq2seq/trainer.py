@@ -360,9 +360,7 @@ class Trainer:
                 else:  # epoch finished
                     p.epoch += 1
                     p.batch_in_epoch = 0
-                    if p.step % cfg.trainer.valid_every != 0:
-                        stop = self._after_validation(self.validate(tracker))
-            if p.step % cfg.trainer.valid_every != 0 and p.batch_in_epoch != 0:
+            if p.step % cfg.trainer.valid_every != 0 and not stop:  # the final state is always validated
                 self._after_validation(self.validate(tracker))
             if stop:
                 log.info("early stopping: no better valid BLEU in %d validations", cfg.trainer.patience)
