@@ -245,6 +245,7 @@ def plot_bleu_by_length(
     ax.set_xticks(range(len(labels)), ticks)
     ax.set_xlabel("Source sentence length (words)")
     ax.set_ylabel("BLEU")
+    ax.set_ylim(bottom=0)  # BLEU is never negative; an all-zero line should sit on the axis
     ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
     if not plotted:
