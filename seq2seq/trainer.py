@@ -306,7 +306,9 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         tracker = Tracker(self.run_dir)
         total = cfg.trainer.max_steps or (cfg.trainer.max_epochs or 1) * self.batches_per_epoch
-        bar = tqdm(total=total, initial=p.step, disable=not cfg.trainer.progress, unit="step", dynamic_ncols=True)
+        # disable=None: no bar when stderr is not a terminal (nohup, CI), where it would flood the log
+        bar = tqdm(total=total, initial=p.step, disable=None if cfg.trainer.progress else True, unit="step",
+                   dynamic_ncols=True)
         window_loss, window_tokens, window_steps, window_norm = 0.0, 0, 0, 0.0
         window_start = time.perf_counter()
         stop = False
