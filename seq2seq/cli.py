@@ -76,6 +76,8 @@ def explain(err: Exception, config_name: str) -> str:
         if not full_key or not isinstance(e, OmegaConfBaseException):
             continue
         message = str(e).splitlines()[0]
+        if "missing mandatory value" in message.lower():
+            return f"'{full_key}' is required; add {full_key}=... to the command line"
         if "not in" in message:  # an unknown key
             parent, _, key = full_key.rpartition(".")
             valid = _valid_keys(config_name, parent)

@@ -124,8 +124,8 @@ def _load_local(cfg: DataConfig, directory: Path) -> DatasetDict:
             if path is None:
                 raise DataError(
                     f"{directory}/{split}.{lang}[.gz] not found; splits present: "
-                    f"{', '.join(_available_splits(directory)) or 'none'}; fix the split names "
-                    f"(data.train_split, data.valid_split, data.test_splits) or the languages"
+                    f"{', '.join(_available_splits(directory)) or 'none'}; use one of them (data.train_split, "
+                    f"data.valid_split, data.test_splits, or split= when evaluating) or fix the languages"
                 )
             sides[lang] = (path, read_lines(path))
         (src_path, src), (tgt_path, tgt) = sides[cfg.src_lang], sides[cfg.tgt_lang]
