@@ -50,14 +50,6 @@ SRC = [[4, 5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17, 18]]
 TGT = [[4, 5, 6], [7, 8, 9, 10, 11, 12], [13, 14, 15, 16]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one thread is faster than several competing for a loaded CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(autouse=True)
 def _deterministic():

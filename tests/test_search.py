@@ -40,13 +40,6 @@ MODELS = [("bahdanau", 2, 0.0, 1.0), ("bahdanau", 2, 0.0, 1.5), ("bahdanau", 0, 
 MODEL_IDS = [f"{v}-seed{s}-eos{b:g}-x{k:g}" for v, s, b, k in MODELS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def next_logprobs(model, src: list[int], prefix: list[int]) -> torch.Tensor:
     """(V,) log-probabilities of the token after ``prefix``, by teacher forcing."""

@@ -15,8 +15,6 @@ from seq2seq.errors import ConfigError, TrainingError
 from seq2seq.prepare import PreparedData, prepare_data
 from seq2seq.trainer import Trainer, check_trainer_config, teacher_forcing_ratio
 
-torch.set_num_threads(1)
-
 
 def smoke_config(cache: Path, *overrides: str) -> TrainConfig:
     register_configs()
