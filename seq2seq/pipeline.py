@@ -21,6 +21,7 @@ from seq2seq.evaluation import (
     load_model,
     translate_lines,
 )
+from seq2seq.model import check_model_config
 from seq2seq.prepare import prepare_data
 from seq2seq.report import EvalReport
 from seq2seq.tracking import Tracker
@@ -43,7 +44,8 @@ def check_writable(run_dir: Path) -> None:
 def run_training(cfg: TrainConfig, run_dir: Path) -> list[tuple[EvalReport, Path]]:
     """Train (or resume) in ``run_dir``, then evaluate the best checkpoint on the test splits."""
     check_writable(run_dir)
-    check_trainer_config(cfg)
+    check_trainer_config(cfg)  # every config check before the (possibly long) data preparation
+    check_model_config(cfg.model)
     check_languages(cfg.data)
     last = run_dir / "checkpoints" / "last.pt"
     if cfg.trainer.resume is None and last.exists():
