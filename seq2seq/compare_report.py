@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from seq2seq.compare_runs import Comparison, Group
+from seq2seq.files import write_text_atomic
 from seq2seq.report import EMPTY, plot_bleu_by_length
 
 log = logging.getLogger(__name__)
@@ -203,24 +204,18 @@ def plot_relative(c: Comparison, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
-
-
 def write_comparison(c: Comparison, out_dir: Path) -> dict[str, Path]:
     """Write the five files into ``out_dir`` (created if needed); returns them by base name."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = output_paths(out_dir)
-    _write(paths["comparison.md"], comparison_markdown(c, paths))
+    write_text_atomic(paths["comparison.md"], comparison_markdown(c, paths))
     rows = csv_rows(c)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write(paths["comparison.csv"], buf.getvalue())
-    _write(paths["comparison.json"], json.dumps(comparison_json(c), indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(paths["comparison.csv"], buf.getvalue())
+    write_text_atomic(paths["comparison.json"], json.dumps(comparison_json(c), indent=2, ensure_ascii=False) + "\n")
     title = (f"BLEU by source length, {c.reference.corpus}/{c.reference.split} "
              "(mean over seeds; bars: mean bootstrap 95% CI)")
     plot_bleu_by_length([(g.label, g.buckets) for g in c.groups], paths["bleu_by_length.png"], title)

@@ -14,6 +14,7 @@ from seq2seq.checkpoint import load_checkpoint, tensor_to_bytes
 from seq2seq.cleaning import normalize
 from seq2seq.config import Device, EvalConfig, SearchConfig, TrainConfig, from_plain_dict
 from seq2seq.errors import CheckpointError, ConfigError, RunDirError
+from seq2seq.files import write_text_atomic
 from seq2seq.metrics import bleu_by_length, corpus_score
 from seq2seq.model import Seq2Seq, build_model
 from seq2seq.report import EvalReport, unique_dir, write_report
@@ -150,7 +151,7 @@ def evaluate(loaded: LoadedModel, raw_src: list[str], refs: list[str], corpus: s
     )
     out_dir = write_report(report, unique_dir(out_base), hyps)
     # The references travel with the hypotheses, so reports can be re-scored and compared later.
-    (out_dir / "refs.txt").write_text("".join(f"{r}\n" for r in refs), encoding="utf-8")
+    write_text_atomic(out_dir / "refs.txt", "".join(f"{r}\n" for r in refs))
     clean = [normalize(s)[0] for s in raw_src]
     write_heatmaps(loaded, [s for s in clean if s], out_dir, eval_cfg.heatmaps, tracker, tag)
     if tracker is not None:

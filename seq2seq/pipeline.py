@@ -21,6 +21,7 @@ from seq2seq.evaluation import (
     load_model,
     translate_lines,
 )
+from seq2seq.files import write_text_atomic
 from seq2seq.model import check_model_config
 from seq2seq.prepare import prepare_data
 from seq2seq.report import EvalReport
@@ -88,15 +89,9 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> list[tuple[EvalReport, Path
         "finished": progress.finished,
         "test": {r.split: {"bleu": r.score.bleu, "chrf": r.score.chrf} for r, _ in reports},
     }
-    write_json(run_dir / "summary.json", summary)
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     log_hparams(run_dir, cfg, summary, [r for r, _ in reports])
     return reports
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 def log_hparams(run_dir: Path, cfg: TrainConfig, summary: dict, reports: list[EvalReport]) -> None:

@@ -40,6 +40,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from seq2seq.files import write_text_atomic
 from seq2seq.metrics import BucketScore, CorpusScore, Interval
 
 log = logging.getLogger(__name__)
@@ -125,13 +126,6 @@ def unique_dir(base: Path) -> Path:
         if not candidate.exists():
             return candidate
         i += 1
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _num(x: float | None, digits: int = 2) -> str:
@@ -275,11 +269,11 @@ def write_report(report: EvalReport, out_dir: Path, hyps: list[str]) -> Path:
         raise ValueError("a hypothesis contains a line break; hyps.txt needs one line per sentence")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    _write_text(out_dir / "hyps.txt", "".join(h + "\n" for h in hyps))
-    _write_text(
+    write_text_atomic(out_dir / "hyps.txt", "".join(h + "\n" for h in hyps))
+    write_text_atomic(
         out_dir / "report.json", json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n"
     )
-    _write_text(out_dir / "report.md", _markdown(report))
+    write_text_atomic(out_dir / "report.md", _markdown(report))
     title = f"{report.model}: BLEU by source length, {report.corpus}/{report.split}"
     plot_bleu_by_length([(report.model, report.buckets)], out_dir / "bleu_by_length.png", title)
     log.info("wrote evaluation report to %s", out_dir)

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +21,7 @@ import sentencepiece as spm
 
 from seq2seq.config import TokenizerConfig
 from seq2seq.errors import ConfigError
+from seq2seq.files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -117,18 +117,6 @@ def _train_model(lines: Iterable[str], cfg: TokenizerConfig, what: str) -> bytes
     return buf.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def tokenizer_key(cfg: TokenizerConfig, train_fingerprint: str, src_lang: str, tgt_lang: str) -> str:
     settings = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(cfg).items()}
     blob = json.dumps({"settings": settings, "train": train_fingerprint, "langs": [src_lang, tgt_lang],
@@ -162,5 +150,5 @@ def build_tokenizer(
         else:
             protos = [_train_model(src_lines, cfg, "source"), _train_model(tgt_lines, cfg, "target")]
         for path, proto in zip(paths, protos):
-            _atomic_write(path, proto)
+            write_bytes_atomic(path, proto)
     return Tokenizer(protos[0], protos[1] if len(protos) > 1 else None)
