@@ -182,6 +182,9 @@ class TrainerConfig:
     progress: bool = True
     resume: str | None = None  # run directory to continue
     max_nonfinite_steps: int = 20  # consecutive skipped (NaN/inf) updates before the run stops
+    max_oom_steps: int = 20  # consecutive batches skipped for running out of memory before the run stops
+    save_every: int | None = None  # steps between checkpoints besides those at each validation
+    keep_checkpoints: int = 3  # newest checkpoints/step-<N>.pt files kept; last.pt/best.pt link to them
     evaluate_at_end: bool = True  # evaluate `best` on the test splits when training ends
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from seq2seq.checkpoint import step_checkpoints
 from seq2seq.config import EvalConfig, EvaluateConfig, SearchConfig, TrainConfig
 from seq2seq.corpus import check_languages, load_corpus, read_lines
 from seq2seq.errors import DataError, RunDirError
@@ -25,6 +26,7 @@ from seq2seq.files import write_text_atomic
 from seq2seq.model import check_model_config
 from seq2seq.prepare import prepare_data
 from seq2seq.report import EvalReport
+from seq2seq.search import check_search_config
 from seq2seq.tracking import Tracker
 from seq2seq.trainer import Trainer, check_trainer_config
 
@@ -48,16 +50,18 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> list[tuple[EvalReport, Path
     check_trainer_config(cfg)  # every config check before the (possibly long) data preparation
     check_model_config(cfg.model)
     check_languages(cfg.data)
-    last = run_dir / "checkpoints" / "last.pt"
-    if cfg.trainer.resume is None and last.exists():
+    ckpt_dir = run_dir / "checkpoints"
+    has_checkpoint = (ckpt_dir / "last.pt").exists() or bool(step_checkpoints(ckpt_dir))
+    if cfg.trainer.resume is None and has_checkpoint:
         raise RunDirError(f"{run_dir} already holds a training run; resume it with trainer.resume={run_dir} "
                           "or start a new run directory")
     data = prepare_data(cfg.data, cfg.tokenizer)
     trainer = Trainer(cfg, data, run_dir)
     if cfg.trainer.resume is not None:
-        if not last.exists():
-            raise RunDirError(f"cannot resume: {last} does not exist")
-        trainer.restore(last)
+        if not has_checkpoint:
+            raise RunDirError(f"cannot resume: {ckpt_dir} holds no checkpoint (the run was stopped before "
+                              "its first one); start it again without trainer.resume")
+        trainer.restore()
         p = trainer.progress
         if trainer.budget_spent():
             log.warning("run %s already finished at step %d (epoch %d); raise trainer.max_steps or "
@@ -86,6 +90,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> list[tuple[EvalReport, Path
         "train_seconds": progress.train_seconds,
         "train_tokens_per_s": progress.train_tokens / max(progress.train_seconds, 1e-9),
         "skipped_steps": progress.skipped_steps,
+        "oom_skipped_steps": progress.oom_steps,
         "finished": progress.finished,
         "test": {r.split: {"bleu": r.score.bleu, "chrf": r.score.chrf} for r, _ in reports},
     }
@@ -149,6 +154,7 @@ def load_split(cfg: TrainConfig, split: str) -> Dataset:
 
 
 def run_evaluate(ecfg: EvaluateConfig) -> list[tuple[EvalReport, Path]]:
+    check_search_config(ecfg.search)
     run_dir = Path(ecfg.run_dir)
     loaded = load_model(find_checkpoint(run_dir, ecfg.checkpoint.value), ecfg.device)
     if ecfg.data_root is not None:
@@ -174,6 +180,7 @@ def run_evaluate(ecfg: EvaluateConfig) -> list[tuple[EvalReport, Path]]:
 
 def run_translate(run_dir: Path, which: str, search, device, stream_in, stream_out) -> int:
     """Translate ``stream_in`` line by line to ``stream_out``, in chunks so output starts early."""
+    check_search_config(search)
     loaded = load_model(find_checkpoint(run_dir, which), device)
     chunk: list[str] = []
     count = 0

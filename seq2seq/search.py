@@ -17,6 +17,7 @@ import torch
 
 from seq2seq.batching import Batch, collate
 from seq2seq.config import SearchConfig
+from seq2seq.errors import ConfigError
 from seq2seq.model import Seq2Seq
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -31,6 +32,19 @@ def max_lengths(src_lengths: torch.Tensor, cfg: SearchConfig, cap: int) -> torch
     """Per-sentence output cap: ratio x source tokens + offset, never above ``cap``."""
     lengths = torch.ceil(src_lengths.double() * cfg.max_len_ratio).long() + cfg.max_len_offset
     return lengths.clamp(min=1, max=cap)
+
+
+def check_search_config(cfg: SearchConfig) -> None:
+    """Reject search settings that would crash or never end, naming the key."""
+    for key, value in (("search.beam_size", cfg.beam_size), ("search.batch_size", cfg.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{key} must be a positive integer (got {value})")
+    if not (math.isfinite(cfg.max_len_ratio) and cfg.max_len_ratio > 0):
+        raise ConfigError(f"search.max_len_ratio must be a positive number (got {cfg.max_len_ratio})")
+    if cfg.max_len_offset < 0:
+        raise ConfigError(f"search.max_len_offset must be 0 or more (got {cfg.max_len_offset})")
+    if not math.isfinite(cfg.length_penalty):
+        raise ConfigError(f"search.length_penalty must be a finite number (got {cfg.length_penalty})")
 
 
 def length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:

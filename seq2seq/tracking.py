@@ -14,8 +14,10 @@ log = logging.getLogger(__name__)
 class Tracker:
     """A thin TensorBoard writer for one run directory (events in ``<run dir>/tensorboard``)."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
+        # purge_step: events at this step or later from earlier writers are hidden (a resumed run
+        # re-logs the steps a killed process had logged after its last checkpoint).
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():

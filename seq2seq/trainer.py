@@ -16,9 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from seq2seq.batching import Batch, TokenBatchSampler, collate
-from seq2seq.checkpoint import bytes_to_tensor, load_checkpoint, save_checkpoint
+from seq2seq.checkpoint import (
+    bytes_to_tensor,
+    load_latest,
+    remove_partial_writes,
+    save_step_checkpoint,
+)
 from seq2seq.config import (
     Device,
     Precision,
@@ -32,7 +38,7 @@ from seq2seq.model import Seq2Seq, build_model, count_parameters
 from seq2seq.optim import build_optimizer, build_scheduler
 from seq2seq.prepare import PreparedData
 from seq2seq.rng import rng_state, seed_everything, set_rng_state
-from seq2seq.search import translate_ids
+from seq2seq.search import check_search_config, translate_ids
 from seq2seq.tokenizer import PAD_ID
 from seq2seq.tracking import Tracker
 
@@ -68,9 +74,9 @@ def teacher_forcing_ratio(cfg: TrainConfig, step: int) -> float:
 
 def check_trainer_config(cfg: TrainConfig) -> None:
     t, o = cfg.trainer, cfg.optim
+    check_search_config(cfg.search)
     positive = {"trainer.max_tokens": t.max_tokens, "trainer.max_sentences": t.max_sentences,
-                "trainer.valid_every": t.valid_every, "trainer.log_every": t.log_every,
-                "search.batch_size": cfg.search.batch_size, "search.beam_size": cfg.search.beam_size}
+                "trainer.valid_every": t.valid_every, "trainer.log_every": t.log_every}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be a positive integer (got {value})")
@@ -83,12 +89,37 @@ def check_trainer_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.lr must be a positive number (got {o.lr})")
     if not (math.isfinite(o.clip_norm) and o.clip_norm > 0):
         raise ConfigError(f"optim.clip_norm must be a positive number (got {o.clip_norm})")
+    for key, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1) (got {value})")
+    for key, value in (("optim.weight_decay", o.weight_decay), ("optim.min_lr", o.min_lr)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key} must be a non-negative number (got {value})")
+    if not 0.0 < o.plateau_factor < 1.0:
+        raise ConfigError(f"optim.plateau_factor must be in (0, 1) (got {o.plateau_factor})")
+    for key, value in (("optim.plateau_patience", o.plateau_patience), ("optim.warmup_steps", o.warmup_steps)):
+        if value < 0:
+            raise ConfigError(f"{key} must be 0 or a positive integer (got {value})")
     for key, value in (("trainer.teacher_forcing", t.teacher_forcing),
                        ("trainer.teacher_forcing_min", t.teacher_forcing_min)):
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key} must be in [0, 1] (got {value})")
+    if not (math.isfinite(t.teacher_forcing_k) and t.teacher_forcing_k > 0):
+        raise ConfigError(f"trainer.teacher_forcing_k must be a positive number (got {t.teacher_forcing_k})")
+    if t.valid_max_sentences is not None and t.valid_max_sentences < 1:
+        raise ConfigError(f"trainer.valid_max_sentences must be a positive integer or null (got {t.valid_max_sentences})")
+    if t.patience < 0:
+        raise ConfigError(f"trainer.patience must be 0 (never stop early) or positive (got {t.patience})")
     if not 0.0 <= t.label_smoothing < 1.0:
         raise ConfigError(f"trainer.label_smoothing must be in [0, 1) (got {t.label_smoothing})")
+    for key, value in (("trainer.save_every", t.save_every),):
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be a positive integer or null (got {value})")
+    for key, value in (("trainer.keep_checkpoints", t.keep_checkpoints),
+                       ("trainer.max_nonfinite_steps", t.max_nonfinite_steps),
+                       ("trainer.max_oom_steps", t.max_oom_steps)):
+        if value < 1:
+            raise ConfigError(f"{key} must be a positive integer (got {value})")
     if t.num_threads < 0:
         raise ConfigError(f"trainer.num_threads must be 0 (all cores) or positive (got {t.num_threads})")
 
@@ -105,9 +136,29 @@ class Progress:
     bad_validations: int = 0
     skipped_steps: int = 0
     consecutive_skipped: int = 0
+    oom_steps: int = 0
+    consecutive_oom: int = 0
     train_seconds: float = 0.0
     train_tokens: int = 0
     finished: bool = False
+    # The log window in progress: saved so a resumed run logs the same mean losses.
+    window_loss: float = 0.0
+    window_norm: float = 0.0
+    window_tokens: int = 0
+    window_steps: int = 0
+
+
+SKIPPED_NONFINITE = "non-finite"
+SKIPPED_OOM = "out of memory"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one update did: its loss and gradient norm, or why it was skipped."""
+
+    loss: float = math.nan
+    grad_norm: float = math.nan
+    skipped: str | None = None  # SKIPPED_NONFINITE or SKIPPED_OOM
 
 
 class Trainer:
@@ -162,14 +213,18 @@ class Trainer:
     def _model_is_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
 
-    def save(self, name: str) -> None:
+    def save(self, best: bool = False) -> None:
+        """Write ``step-<N>.pt`` and point ``last.pt`` (and ``best.pt`` when ``best``) at it."""
         if not self._model_is_finite():
-            log.error("model weights are not finite; not writing %s.pt", name)
+            log.error("model weights are not finite at step %d; no checkpoint written", self.progress.step)
             return
-        save_checkpoint(self.state_payload(), self.ckpt_dir / f"{name}.pt")
+        save_step_checkpoint(self.state_payload(), self.ckpt_dir, self.progress.step,
+                             self.cfg.trainer.keep_checkpoints, ("last", "best") if best else ("last",))
 
-    def restore(self, path: Path) -> None:
-        payload = load_checkpoint(path, map_location=self.device)
+    def restore(self) -> Path:
+        """Continue from ``last.pt``, or from the newest readable step checkpoint when it is damaged."""
+        remove_partial_writes(self.ckpt_dir)
+        path, payload = load_latest(self.ckpt_dir, map_location=self.device)
         try:
             self.model.load_state_dict(payload["model"])
         except RuntimeError as err:
@@ -180,6 +235,7 @@ class Trainer:
         set_rng_state(payload["rng"])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.progress.step,
                  self.progress.epoch, self.progress.batch_in_epoch)
+        return path
 
     # ------------------------------------------------------------------ steps
 
@@ -194,24 +250,31 @@ class Trainer:
             logits = out.logits[mask] if out.logits is not None else self.model.project(out.hidden[mask])
         return self.loss_fn(logits.float(), batch.tgt_out[mask])
 
-    def train_step(self, batch: Batch) -> tuple[float, float] | None:
-        """One update; returns (loss, grad norm), or None when a non-finite value skipped it."""
+    def train_step(self, batch: Batch) -> StepResult:
+        """One update, or a skipped one when the loss/gradient is not finite or the batch runs out of memory."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss(batch, teacher_forcing_ratio(self.cfg, self.progress.step))
-        loss.backward()
+        try:
+            loss = self._loss(batch, teacher_forcing_ratio(self.cfg, self.progress.step))
+            loss.backward()
+        except torch.OutOfMemoryError:
+            out_of_memory = True
+        else:
+            out_of_memory = False
+        if out_of_memory:  # outside the except block, so the traceback's activations are freed
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return StepResult(skipped=SKIPPED_OOM)
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_norm)
         loss_value, norm_value = float(loss.detach()), float(grad_norm)
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.optimizer.zero_grad(set_to_none=True)
-            self.progress.skipped_steps += 1
-            self.progress.consecutive_skipped += 1
-            return None
-        self.progress.consecutive_skipped = 0
+            return StepResult(loss_value, norm_value, skipped=SKIPPED_NONFINITE)
         self.optimizer.step()
         if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step()
-        return loss_value, norm_value
+        return StepResult(loss_value, norm_value)
 
     # ------------------------------------------------------------------ validation
 
@@ -278,9 +341,7 @@ class Trainer:
                  metrics["valid/ppl"], bleu, metrics["valid/chrf"], " (best)" if improved else "")
         patience = self.cfg.trainer.patience
         stop = patience > 0 and p.bad_validations >= patience
-        if improved:
-            self.save("best")
-        self.save("last")
+        self.save(best=improved)
         return stop
 
     def _request_stop(self, signum: int, _frame: Any) -> None:
@@ -302,72 +363,105 @@ class Trainer:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
 
+    def _skipped(self, result: StepResult, batch: Batch, tracker: Tracker) -> None:
+        """Count a skipped update, log it, and stop the run when too many come in a row."""
+        p, t = self.progress, self.cfg.trainer
+        if result.skipped == SKIPPED_OOM:
+            p.oom_steps += 1
+            p.consecutive_oom += 1
+            p.consecutive_skipped = 0
+            tracker.scalars({"train/oom_skipped": p.oom_steps}, p.step)
+            log.warning("step %d: out of memory on a batch of %d sentences (source %dx%d, target %dx%d, %d target "
+                        "tokens); update skipped (%d so far); lower trainer.max_tokens if this repeats", p.step,
+                        batch.src.shape[0], *batch.src.shape, *batch.tgt_in.shape, batch.num_tgt_tokens, p.oom_steps)
+            if p.consecutive_oom >= t.max_oom_steps:
+                raise TrainingError(f"{p.consecutive_oom} consecutive batches ran out of memory; stopped at step "
+                                    f"{p.step}; lower trainer.max_tokens (now {t.max_tokens}); the last good "
+                                    f"checkpoint is in {self.ckpt_dir}")
+            return
+        p.skipped_steps += 1
+        p.consecutive_skipped += 1
+        p.consecutive_oom = 0
+        tracker.scalars({"train/skipped_steps": p.skipped_steps}, p.step)
+        log.warning("step %d: non-finite loss or gradient; update skipped", p.step)
+        if p.consecutive_skipped >= t.max_nonfinite_steps:
+            raise TrainingError(
+                f"{p.consecutive_skipped} consecutive updates had a non-finite loss or gradient; "
+                f"stopped at step {p.step} (lower optim.lr or check the data); the last good "
+                f"checkpoint is in {self.ckpt_dir}")
+
+    def _log_window(self, tracker: Tracker, bar: tqdm, elapsed: float) -> None:
+        """Log the mean loss of the updates since the last log line, then start a new window."""
+        p, cfg = self.progress, self.cfg
+        loss = p.window_loss / p.window_tokens
+        stats = {"train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)),
+                 "train/lr": self.optimizer.param_groups[0]["lr"],
+                 "train/grad_norm": p.window_norm / p.window_steps,
+                 "train/tokens_per_s": p.window_tokens / max(elapsed, 1e-9),
+                 "train/teacher_forcing": teacher_forcing_ratio(cfg, p.step)}
+        tracker.scalars(stats, p.step)
+        log.info("step %d: train loss %.4f, ppl %.2f, lr %.3g, grad norm %.3f, %.0f target tokens/s", p.step,
+                 loss, stats["train/ppl"], stats["train/lr"], stats["train/grad_norm"], stats["train/tokens_per_s"])
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{stats['train/tokens_per_s']:.0f}")
+        p.window_loss, p.window_norm, p.window_tokens, p.window_steps = 0.0, 0.0, 0, 0
+
     def _fit(self) -> Progress:
         cfg, p = self.cfg, self.progress
-        tracker = Tracker(self.run_dir)
+        # On resume, TensorBoard drops what a killed process logged after the checkpoint, so the
+        # curves show each step once.
+        tracker = Tracker(self.run_dir, purge_step=p.step + 1 if p.step else None)
         total = cfg.trainer.max_steps or (cfg.trainer.max_epochs or 1) * self.batches_per_epoch
         # disable=None: no bar when stderr is not a terminal (nohup, CI), where it would flood the log
         bar = tqdm(total=total, initial=p.step, disable=None if cfg.trainer.progress else True, unit="step",
                    dynamic_ncols=True)
-        window_loss, window_tokens, window_steps, window_norm = 0.0, 0, 0, 0.0
+        save_every = cfg.trainer.save_every
         window_start = time.perf_counter()
         stop = False
         try:
-            while not self.budget_spent() and not stop:
-                for indices in self.sampler.iterate(p.epoch, p.batch_in_epoch):
-                    batch = self._batch(indices)
-                    step_start = time.perf_counter()
-                    result = self.train_step(batch)
-                    p.batch_in_epoch += 1
-                    p.step += 1
-                    tokens = batch.num_tgt_tokens
-                    p.train_seconds += time.perf_counter() - step_start
-                    p.train_tokens += tokens
-                    bar.update(1)
-                    if result is None:
-                        tracker.scalars({"train/skipped_steps": p.skipped_steps}, p.step)
-                        log.warning("step %d: non-finite loss or gradient; update skipped", p.step)
-                        if p.consecutive_skipped >= cfg.trainer.max_nonfinite_steps:
-                            raise TrainingError(
-                                f"{p.consecutive_skipped} consecutive updates had a non-finite loss or gradient; "
-                                f"stopped at step {p.step} (lower optim.lr or check the data); the last good "
-                                f"checkpoint is in {self.ckpt_dir}")
-                    else:
-                        window_loss += result[0] * tokens
-                        window_norm += result[1]
-                        window_tokens += tokens
-                        window_steps += 1
-                    if p.step % cfg.trainer.log_every == 0 and window_steps:
-                        elapsed = time.perf_counter() - window_start
-                        loss = window_loss / window_tokens
-                        stats = {"train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)),
-                                 "train/lr": self.optimizer.param_groups[0]["lr"],
-                                 "train/grad_norm": window_norm / window_steps,
-                                 "train/tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                                 "train/teacher_forcing": teacher_forcing_ratio(cfg, p.step)}
-                        tracker.scalars(stats, p.step)
-                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{stats['train/tokens_per_s']:.0f}")
-                        window_loss, window_tokens, window_steps, window_norm = 0.0, 0, 0, 0.0
-                        window_start = time.perf_counter()
-                    if p.step % cfg.trainer.valid_every == 0:
-                        stop = self._after_validation(self.validate(tracker))
-                        window_start = time.perf_counter()
-                    if self.stop_signal is not None:
-                        self.save("last")
-                        log.warning("stopped by signal %d at step %d; continue with: seq2seq-train "
-                                    "trainer.resume=%s", self.stop_signal, p.step, self.run_dir)
-                        return p
-                    if stop or self.budget_spent():
-                        break
-                else:  # epoch finished
-                    p.epoch += 1
-                    p.batch_in_epoch = 0
-            if p.step % cfg.trainer.valid_every != 0 and not stop:  # the final state is always validated
-                self._after_validation(self.validate(tracker))
+            with logging_redirect_tqdm():
+                while not self.budget_spent() and not stop:
+                    for indices in self.sampler.iterate(p.epoch, p.batch_in_epoch):
+                        batch = self._batch(indices)
+                        step_start = time.perf_counter()
+                        result = self.train_step(batch)
+                        p.batch_in_epoch += 1
+                        p.step += 1
+                        tokens = batch.num_tgt_tokens
+                        p.train_seconds += time.perf_counter() - step_start
+                        p.train_tokens += tokens
+                        bar.update(1)
+                        if result.skipped:
+                            self._skipped(result, batch, tracker)
+                        else:
+                            p.consecutive_skipped = p.consecutive_oom = 0
+                            p.window_loss += result.loss * tokens
+                            p.window_norm += result.grad_norm
+                            p.window_tokens += tokens
+                            p.window_steps += 1
+                        if p.step % cfg.trainer.log_every == 0 and p.window_steps:
+                            self._log_window(tracker, bar, time.perf_counter() - window_start)
+                            window_start = time.perf_counter()
+                        if p.step % cfg.trainer.valid_every == 0:
+                            stop = self._after_validation(self.validate(tracker))
+                            window_start = time.perf_counter()
+                        elif save_every is not None and p.step % save_every == 0:
+                            self.save()
+                        if self.stop_signal is not None:
+                            self.save()
+                            log.warning("stopped by signal %d at step %d; continue with: seq2seq-train "
+                                        "trainer.resume=%s", self.stop_signal, p.step, self.run_dir)
+                            return p
+                        if stop or self.budget_spent():
+                            break
+                    else:  # epoch finished
+                        p.epoch += 1
+                        p.batch_in_epoch = 0
+                if p.step % cfg.trainer.valid_every != 0 and not stop:  # the final state is always validated
+                    self._after_validation(self.validate(tracker))
             if stop:
                 log.info("early stopping: no better valid BLEU in %d validations", cfg.trainer.patience)
             p.finished = True
-            self.save("last")
+            self.save()
         finally:
             bar.close()
             tracker.close()

@@ -114,7 +114,10 @@ def test_train_writes_a_complete_run_directory(trained, variant):
     assert config.trainer.max_steps == 20
     for name in ("last.pt", "best.pt"):
         assert (run / "checkpoints" / name).stat().st_size > 0
-    assert not [p for p in (run / "checkpoints").iterdir() if p.name not in ("last.pt", "best.pt")]
+    # One file per checkpointed step, last/best as links to them, no temp files left behind.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt", "step-10.pt",
+                                                                        "step-20.pt"]
+    assert (run / "checkpoints" / "last.pt").samefile(run / "checkpoints" / "step-20.pt")
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     log = (run / "train.log").read_text(encoding="utf-8")
     assert "step 20: valid loss" in log and "training done" in log

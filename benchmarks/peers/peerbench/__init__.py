@@ -1,0 +1,1 @@
+"""Side-by-side speed benchmark of seq2seq against Joey NMT and OpenNMT-py (see ../README.md)."""
