@@ -18,7 +18,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from seq2seq.errors import CheckpointError
+from seq2seq.files import temp_beside
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,7 @@ VERSION = 1
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     """Write ``payload`` to ``path`` atomically (temp file, fsync, rename, fsync the folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, "version": VERSION, **payload}, f)

@@ -7,10 +7,20 @@ import tempfile
 from pathlib import Path
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a unique temporary file beside ``path``, then rename it over ``path``."""
+def temp_beside(path: Path) -> tuple[int, str]:
+    """A unique temporary file next to ``path`` with the permissions a plain ``open`` would give
+    (``mkstemp`` makes it owner-only, which would leave reports and checkpoints unreadable to others)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a unique temporary file beside ``path``, then rename it over ``path``."""
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
