@@ -32,6 +32,15 @@ class DecoderState(NamedTuple):
                             self.feed.index_select(0, index))
 
 
+class StepWeights(NamedTuple):
+    """nn.LSTM's parameters as the fused step uses them (views, no copies)."""
+
+    extra_t: torch.Tensor | None  # (C, 4H) layer 0's context/feed columns, transposed
+    hh_t: list[torch.Tensor]  # per layer (H, 4H)
+    ih: list[torch.Tensor]  # layers 1.. (4H, H)
+    bias: list[torch.Tensor]  # layers 1.. (4H,) both biases summed
+
+
 class DecoderOutput(NamedTuple):
     hidden: torch.Tensor  # (B, T, P) attentional states h~, before the output layer
     attention: torch.Tensor | None  # (B, T, S)
@@ -78,25 +87,84 @@ class Decoder(nn.Module):
         # h~ = tanh(W_c [h; c]), (B, T, P)
         return torch.tanh(self.combine(torch.cat([rnn_out, context], dim=-1)))
 
+    # -------------------------------------------------------------- the fused step
+    # The step-by-step paths do not call nn.LSTM once per step (a full RNN call per time step costs
+    # far more than its arithmetic). They use nn.LSTM's own parameters in three parts: the word's
+    # input projection, computed for all steps at once before the loop; the context/feed part and
+    # the recurrent part, one matmul each per step. Same numbers as nn.LSTM, a fraction of the ops.
+
+    def _embedding_gates(self, emb: torch.Tensor) -> torch.Tensor:
+        """Layer 0's gate pre-activations from the word embeddings (..., E) -> (..., 4H), biases included."""
+        w = self.rnn.weight_ih_l0
+        return nn.functional.linear(emb, w[:, : self.embedding.embedding_dim], self.rnn.bias_ih_l0 + self.rnn.bias_hh_l0)
+
+    def _step_weights(self) -> StepWeights:
+        """The per-step weight views, taken once per pass: slicing inside the loop would make
+        autograd scatter a full-size zero gradient for every step."""
+        rnn, size = self.rnn, self.embedding.embedding_dim
+        extra_t = rnn.weight_ih_l0[:, size:].t() if (self.context_before_rnn or self.input_feeding) else None
+        return StepWeights(
+            extra_t=extra_t,
+            hh_t=[getattr(rnn, f"weight_hh_l{k}").t() for k in range(self.num_layers)],
+            ih=[getattr(rnn, f"weight_ih_l{k}") for k in range(1, self.num_layers)],
+            bias=[getattr(rnn, f"bias_ih_l{k}") + getattr(rnn, f"bias_hh_l{k}") for k in range(1, self.num_layers)],
+        )
+
+    def _cell(self, gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor, hh_t: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """LSTM cell (PyTorch's gate order i, f, g, o) given the input part of the gates."""
+        gates = torch.addmm(gates, h, hh_t)
+        size = self.hidden_size
+        sig = torch.sigmoid(gates)
+        c = sig[:, size: 2 * size] * c + sig[:, :size] * torch.tanh(gates[:, 2 * size: 3 * size])
+        h = sig[:, 3 * size:] * torch.tanh(c)
+        return h, c
+
+    def _rnn_step(self, gates0: torch.Tensor, extra: torch.Tensor | None, state: DecoderState, w: StepWeights
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All layers for one step: ``gates0`` (B, 4H) from the word, ``extra`` the context or the
+        fed-back h~ (layer 0's other input). Returns the new (L, B, H) hidden and cell states."""
+        if extra is not None:
+            gates0 = torch.addmm(gates0, extra, w.extra_t)
+        h, c = self._cell(gates0, state.hidden[0], state.cell[0], w.hh_t[0])
+        if self.num_layers == 1:
+            return h.unsqueeze(0), c.unsqueeze(0)
+        hs, cs = [h], [c]
+        for layer in range(1, self.num_layers):
+            below = nn.functional.dropout(hs[-1], self.rnn.dropout, self.training)
+            gates = nn.functional.linear(below, w.ih[layer - 1], w.bias[layer - 1])
+            h, c = self._cell(gates, state.hidden[layer], state.cell[layer], w.hh_t[layer])
+            hs.append(h)
+            cs.append(c)
+        return torch.stack(hs), torch.stack(cs)
+
+    def _step(self, gates0: torch.Tensor, state: DecoderState, memory: AttentionMemory, w: StepWeights
+              ) -> tuple[torch.Tensor, torch.Tensor, DecoderState, torch.Tensor | None]:
+        """One step from layer 0's word gates: returns (top LSTM output h, context, new state, weights).
+        h~ is formed here only when it is fed back (input feeding); otherwise the caller forms it."""
+        weights = None
+        if self.context_before_rnn:
+            context, weights = self.attention(state.hidden[-1].unsqueeze(1), memory)  # previous state
+            context = context.squeeze(1)
+            h, c = self._rnn_step(gates0, context, state, w)
+            out = h[-1]
+        else:
+            h, c = self._rnn_step(gates0, state.feed if self.input_feeding else None, state, w)
+            out = h[-1]
+            context, weights = self.attention(out.unsqueeze(1), memory)  # current state
+            context = context.squeeze(1)
+        feed = self._attentional(out, context) if self.input_feeding else state.feed
+        return out, context, DecoderState(h, c, feed), None if weights is None else weights.squeeze(1)
+
     def step(self, emb: torch.Tensor, state: DecoderState, memory: AttentionMemory
              ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
         """One step. ``emb`` (B, E) is the embedded previous word; returns h~ (B, P), the new
         state and the attention weights (B, S) or None."""
-        emb = emb.unsqueeze(1)  # (B, 1, E)
-        weights = None
-        if self.context_before_rnn:
-            prev = state.hidden[-1].unsqueeze(1)  # (B, 1, H): previous top-layer state
-            context, weights = self.attention(prev, memory)
-            rnn_in = torch.cat([emb, context], dim=-1)
-        elif self.input_feeding:
-            rnn_in = torch.cat([emb, state.feed.unsqueeze(1)], dim=-1)
-        else:
-            rnn_in = emb
-        out, (h, c) = self.rnn(rnn_in, (state.hidden, state.cell))  # out (B, 1, H)
-        if not self.context_before_rnn:
-            context, weights = self.attention(out, memory)
-        h_tilde = self._attentional(out, context).squeeze(1)  # (B, P)
-        return h_tilde, DecoderState(h, c, h_tilde), None if weights is None else weights.squeeze(1)
+        out, context, state, weights = self._step(self._embedding_gates(emb), state, memory, self._step_weights())
+        if self.input_feeding:
+            return state.feed, state, weights
+        h_tilde = self._attentional(out, context)
+        return h_tilde, state._replace(feed=h_tilde), weights
 
     def forward_parallel(self, tgt_in: torch.Tensor, state: DecoderState, memory: AttentionMemory) -> DecoderOutput:
         emb = self.dropout(self.embedding(tgt_in))  # (B, T, E)
@@ -119,23 +187,34 @@ class Decoder(nn.Module):
         sampling = teacher_forcing < 1.0
         if sampling and project is None:
             raise ValueError("scheduled sampling needs the output layer")
-        outputs, attn, logits = [], [], []
-        prev = tgt_in[:, 0]
+        # The gold words' input projections for every step in one matmul (unused where sampled).
+        gold_gates = self._embedding_gates(self.dropout(self.embedding(tgt_in)))  # (B, T, 4H)
+        outs, contexts, feeds, attn, logits = [], [], [], [], []
+        weights_t = self._step_weights()
         for t in range(steps):
-            if t > 0:
-                prev = tgt_in[:, t]
-                if sampling:
-                    use_gold = torch.rand(prev.shape, device=prev.device) < teacher_forcing
-                    prev = torch.where(use_gold, prev, logits[-1].argmax(-1))
-            h_tilde, state, weights = self.step(self.dropout(self.embedding(prev)), state, memory)
-            h_tilde = self.dropout(h_tilde)
-            outputs.append(h_tilde)
+            gates0 = gold_gates[:, t]
+            if sampling and t > 0:
+                use_gold = torch.rand(tgt_in[:, t].shape, device=tgt_in.device) < teacher_forcing
+                predicted = logits[-1].argmax(-1)
+                sampled_gates = self._embedding_gates(self.dropout(self.embedding(predicted)))
+                gates0 = torch.where(use_gold.unsqueeze(1), gates0, sampled_gates)
+            out, context, state, weights = self._step(gates0, state, memory, weights_t)
+            if self.input_feeding:
+                feeds.append(state.feed)
+            else:
+                outs.append(out)
+                contexts.append(context)
             if weights is not None:
                 attn.append(weights)
             if sampling:
-                logits.append(project(h_tilde))
+                h_tilde = state.feed if self.input_feeding else self._attentional(out, context)
+                logits.append(project(self.dropout(h_tilde)))
+        if self.input_feeding:
+            h_tilde = torch.stack(feeds, dim=1)
+        else:  # h~ does not feed back: form it for all steps in one matmul
+            h_tilde = self._attentional(torch.stack(outs, dim=1), torch.stack(contexts, dim=1))
         return DecoderOutput(
-            hidden=torch.stack(outputs, dim=1),
+            hidden=self.dropout(h_tilde),
             attention=torch.stack(attn, dim=1) if attn else None,
             logits=torch.stack(logits, dim=1) if sampling else None,
         )

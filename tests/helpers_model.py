@@ -87,3 +87,29 @@ def sequence_logprob(model: Seq2Seq, src: list[int], tokens: list[int]) -> float
         logp = torch.log_softmax(logits_of(model, batch).double(), dim=-1)[0]  # (T, V)
     target = batch.tgt_out[0]
     return float(logp.gather(1, target.unsqueeze(1)).sum())
+
+
+def reference_logits(model: Seq2Seq, batch: Batch) -> torch.Tensor:
+    """Teacher-forced logits the textbook way: ``nn.LSTM`` called once per step, h~ formed every
+    step. The fused decoder must give the same numbers (it reuses the same parameters)."""
+    dec = model.decoder
+    encoded = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+    memory, state = encoded.memory, encoded.state
+    hidden, cell, feed = state.hidden, state.cell, state.feed
+    logits = []
+    for t in range(batch.tgt_in.size(1)):
+        emb = dec.embedding(batch.tgt_in[:, t]).unsqueeze(1)  # (B, 1, E)
+        if dec.context_before_rnn:
+            context, _ = dec.attention(hidden[-1].unsqueeze(1), memory)
+            rnn_in = torch.cat([emb, context], dim=-1)
+        elif dec.input_feeding:
+            rnn_in = torch.cat([emb, feed.unsqueeze(1)], dim=-1)
+        else:
+            rnn_in = emb
+        out, (hidden, cell) = dec.rnn(rnn_in, (hidden, cell))
+        if not dec.context_before_rnn:
+            context, _ = dec.attention(out, memory)
+        h_tilde = torch.tanh(dec.combine(torch.cat([out, context], dim=-1))).squeeze(1)
+        feed = h_tilde
+        logits.append(model.output_layer(h_tilde))
+    return torch.stack(logits, dim=1)

@@ -23,6 +23,7 @@ from seq2seq.errors import Seq2SeqError
 from seq2seq.pipeline import run_training
 from seq2seq.prepare import prepare_data
 
+
 def fuzz(examples: int) -> settings:
     return settings(max_examples=examples, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))

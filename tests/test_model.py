@@ -20,6 +20,7 @@ from helpers_model import (
     make_model,
     model_config,
     random_sentences,
+    reference_logits,
     stepwise_logits,
 )
 
@@ -80,6 +81,18 @@ def test_builds_the_named_variant(variant):
     assert model.decoder.context_before_rnn == (kind != AttentionType.luong)
     # The parallel teacher-forced path exists exactly when no step waits for an earlier one.
     assert model.decoder.parallel == (kind == AttentionType.none or (kind == AttentionType.luong and not feed))
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("variant", ALL)
+def test_fused_decoder_matches_a_per_step_nn_lstm(variant, layers):
+    """The training step path, the search step and a plain nn.LSTM-per-step decoder agree."""
+    model = make_model(variant, decoder_layers=layers, scale=1.5)
+    batch = batch3()
+    with torch.no_grad():
+        expected = reference_logits(model, batch)
+        torch.testing.assert_close(logits_of(model, batch, force_steps=True), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stepwise_logits(model, batch)[0], expected, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- shapes and gradients

@@ -88,17 +88,23 @@ def parse_args(argv: list[str]) -> Settings:
                     ours_overrides=a.ours_override, decode=not a.no_decode, keep_checkpoints=a.keep_checkpoints)
 
 
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main() -> None:
     settings = parse_args(sys.argv[1:])
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the corpus comes from --data, never from the hub
     try:
         from seq2seq.errors import Seq2SeqError
     except ImportError:
-        sys.exit(f"error: seq2seq is not importable by {sys.executable}; run this with the project's "
-                 "virtualenv (pip install -e .)")
+        fail(f"seq2seq is not importable by {sys.executable}; run this with the project's virtualenv "
+             "(pip install -e .)")
     try:
         results = run_benchmark(settings, [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     except (Seq2SeqError, BenchError) as err:
-        sys.exit(f"error: {err}")
+        fail(str(err))
     md, js, text = write_report(results, settings.results)
     print("\n" + text)
     say(f"wrote {md} and {js}")

@@ -6,13 +6,12 @@ steps; the others go on, and the report marks what is missing.
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
@@ -21,71 +20,9 @@ from peerbench.joey import Joey
 from peerbench.onmt import OpenNMT
 from peerbench.ours import Ours
 from peerbench.procs import BenchError, steady_window
+from peerbench.records import DecodeRecord, Settings, TrainRecord
 from peerbench.roofline import roofline
 from peerbench.toolkit import CorpusFiles, DecodeSpec, Toolkit, TrainSpec, Workspace
-
-
-@dataclass
-class Settings:
-    data_root: Path
-    work: Path
-    results: Path
-    steps: int = 300
-    repeats: int = 3
-    threads: int = 2
-    toolkits: list[str] = field(default_factory=lambda: ["ours", "joey", "onmt"])
-    attentions: list[str] = field(default_factory=lambda: ["bahdanau", "luong"])
-    batching: str = "sentences"
-    batch_sentences: int = 64
-    max_tokens: int = 1024
-    warmup: float = 0.1
-    beam: int = 5
-    limit: int | None = None
-    seed: int = 1234
-    ours_overrides: list[str] = field(default_factory=list)
-    decode: bool = True
-    keep_checkpoints: bool = False
-
-    @property
-    def warmup_steps(self) -> int:
-        return max(1, math.ceil(self.warmup * self.steps))
-
-
-@dataclass
-class TrainRecord:
-    toolkit: str
-    attention: str
-    repeat: int
-    error: str | None = None
-    tokens_per_s: float | None = None
-    window: dict | None = None
-    params: int | None = None
-    peak_rss_mb: float | None = None
-    wall_s: float | None = None
-    first_update_s: float | None = None  # launch to the end of update 1 (start-up + one update)
-    log: str = ""
-    info: dict = field(default_factory=dict)
-
-
-@dataclass
-class DecodeRecord:
-    toolkit: str
-    attention: str
-    search: str
-    error: str | None = None
-    sentences: int | None = None
-    seconds: float | None = None
-    sent_per_s: float | None = None
-    tokens: int | None = None
-    tok_per_s: float | None = None
-    bleu: float | None = None
-    chrf: float | None = None
-    bleu_signature: str | None = None
-    timing: str | None = None
-    wall_s: float | None = None
-    peak_rss_mb: float | None = None
-    hyps: str = ""
-    log: str = ""
 
 
 def say(message: str) -> None:
@@ -146,7 +83,7 @@ def train_one(tk: Toolkit, settings: Settings, work: Workspace, corpus: CorpusFi
         window = steady_window(outcome.points, settings.warmup_steps)
     except BenchError as err:
         record.error = str(err)
-        print(f"error: {tk.name}: {attention} repeat {repeat}: {err}", flush=True)
+        print(f"error: {tk.name}: train {attention} repeat {repeat}: {err}", flush=True)
         return record, None
     first = [p for p in outcome.points if p.step == 1]
     record.tokens_per_s = window.tokens_per_s
@@ -201,7 +138,7 @@ def decode_one(tk: Toolkit, settings: Settings, work: Workspace, corpus: CorpusF
             raise BenchError(f"{len(lines)} hypotheses for {len(refs)} test sentences; log: {log}")
     except (BenchError, OSError) as err:
         record.error = str(err)
-        print(f"error: {tk.name}: decoding {attention} {search}: {err}", flush=True)
+        print(f"error: {tk.name}: decode {attention} {search}: {err}", flush=True)
         return record
     score = corpus_score(desegment(corpus.spm_model, lines), refs)
     record.sentences = len(lines)
@@ -263,10 +200,16 @@ def run_benchmark(settings: Settings, argv: list[str]) -> dict:
     errors: list[str] = []
     started = datetime.now()
     load_start = os.getloadavg()
-    toolkits = setup_toolkits(build_toolkits(settings, work), work, errors)
-    versions = {tk.name: tk.versions() for tk in toolkits}
+    toolkits = build_toolkits(settings, work)
+    for tk in toolkits:
+        if isinstance(tk, Ours):
+            tk.check_config(settings.attentions, steps=settings.steps, threads=settings.threads, seed=settings.seed,
+                            batching=settings.batching, batch_sentences=settings.batch_sentences,
+                            max_tokens=settings.max_tokens)
     say(f"preparing the corpus with our pipeline into {work.corpus}")
     corpus = prepare_corpus(work, settings.data_root, settings.ours_overrides, settings.limit)
+    toolkits = setup_toolkits(toolkits, work, errors)
+    versions = {tk.name: tk.versions() for tk in toolkits}
     matmul = None
     ours = next((tk for tk in toolkits if isinstance(tk, Ours)), None)
     if ours is not None:
@@ -293,6 +236,7 @@ def run_benchmark(settings: Settings, argv: list[str]) -> dict:
                     "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
                     "python": platform.python_version(), "platform": platform.platform()},
         "toolkits": [{"name": tk.name, "label": tk.label} for tk in build_toolkits(settings, work)],
+        "failed_setup": [name for name in settings.toolkits if name not in {tk.name for tk in toolkits}],
         "versions": versions,
         "data": corpus.stats,
         "train": [asdict(r) for r in train_records],

@@ -13,6 +13,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import sentencepiece as spm
+
 from peerbench.toolkit import CorpusFiles, Workspace
 
 # The benchmark's data settings, ahead of any --ours-override (later overrides win).
@@ -28,7 +30,7 @@ def _write_lines(path: Path, lines: Sequence[str]) -> None:
     path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
 
 
-def _pieces(processor, rows: Sequence[Sequence[int]]) -> list[str]:
+def _pieces(processor: spm.SentencePieceProcessor, rows: Sequence[Sequence[int]]) -> list[str]:
     return [" ".join(processor.id_to_piece(list(ids))) if ids else "" for ids in rows]
 
 
@@ -93,7 +95,5 @@ def prepare_corpus(work: Workspace, data_root: Path, overrides: list[str], limit
 def desegment(spm_model: Path, lines: Sequence[str]) -> list[str]:
     """Pieces back to text with the same SentencePiece model (``▁`` to spaces, byte pieces to
     characters), exactly as our own detokenizer does it."""
-    import sentencepiece as spm
-
     processor = spm.SentencePieceProcessor(model_file=str(spm_model))
     return [processor.decode_pieces(line.split()) if line.strip() else "" for line in lines]

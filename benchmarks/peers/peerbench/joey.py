@@ -17,8 +17,24 @@ import yaml
 
 from peerbench import matched
 from peerbench.envs import JOEY, ensure_env, package_versions, venv_python
-from peerbench.procs import BenchError, StepPoint, check_ok, child_env, log_time, run_logged
-from peerbench.toolkit import CorpusFiles, DecodeOutcome, DecodeSpec, Toolkit, TrainOutcome, TrainSpec
+from peerbench.procs import (
+    BenchError,
+    ProcResult,
+    StepPoint,
+    check_ok,
+    child_env,
+    log_time,
+    run_logged,
+)
+from peerbench.toolkit import (
+    CorpusFiles,
+    DecodeOutcome,
+    DecodeSpec,
+    Toolkit,
+    TrainOutcome,
+    TrainSpec,
+    Workspace,
+)
 
 STEP_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - INFO - joeynmt\.training - Epoch\s+\d+, "
                        r"Step:\s+(\d+), .*Tokens per Sec:\s+([\d.]+),")
@@ -102,7 +118,7 @@ class Joey(Toolkit):
     name = "joey"
     label = "Joey NMT"
 
-    def __init__(self, work) -> None:
+    def __init__(self, work: Workspace) -> None:
         super().__init__(work)
         self.python = venv_python(work.venvs, JOEY)
 
@@ -112,7 +128,8 @@ class Joey(Toolkit):
     def versions(self) -> dict[str, str]:
         return package_versions(self.python, (JOEY.dist,))
 
-    def _run(self, config: dict, config_path: Path, args: list[str], log: Path, threads: int):
+    def _run(self, config: dict, config_path: Path, args: list[str], log: Path, threads: int) -> ProcResult:
+        """Write ``config`` and run ``python -m joeynmt <mode> <config> <options>``."""
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         return run_logged([str(self.python), "-m", "joeynmt", *args[:1], str(config_path), *args[1:]], log,
@@ -122,11 +139,11 @@ class Joey(Toolkit):
         config = train_config(spec)
         # the config lives outside model_dir: Joey empties model_dir before copying the config in
         proc = self._run(config, spec.run_dir / "joey-train.yaml", ["train", "--skip-test"], spec.log, spec.threads)
-        check_ok(proc, "joey: training", spec.log)
+        check_ok(proc, "training", spec.log)
         points, params = parse_train_log(spec.log.read_text(encoding="utf-8", errors="replace"))
         checkpoint = Path(config["model_dir"]) / f"{spec.steps}.ckpt"
         if not checkpoint.is_file():
-            raise BenchError(f"joey: training ended without {checkpoint.name}; log: {spec.log}")
+            raise BenchError(f"training ended without {checkpoint.name}; log: {spec.log}")
         return TrainOutcome(points=points, params=params, proc=proc, model=checkpoint,
                             info={"config": str(spec.run_dir / "joey-train.yaml")})
 
@@ -142,11 +159,11 @@ class Joey(Toolkit):
         prefix = spec.out.with_suffix("")  # Joey writes <prefix>.test
         proc = self._run(config, spec.out.with_suffix(".yaml"), ["test", "--output-path", str(prefix)],
                          spec.log, spec.threads)
-        check_ok(proc, "joey: decoding", spec.log)
+        check_ok(proc, "decoding", spec.log)
         took = GENERATION_LINE.search(spec.log.read_text(encoding="utf-8", errors="replace"))
         written = prefix.with_name(prefix.name + ".test")
         if took is None or not written.is_file():
-            raise BenchError(f"joey: decoding wrote no timing or no {written.name}; log: {spec.log}")
+            raise BenchError(f"decoding wrote no timing or no {written.name}; log: {spec.log}")
         written.replace(spec.out)
         return DecodeOutcome(seconds=float(took.group(1)), timing="Joey's own 'Generation took' timer",
                              proc=proc)

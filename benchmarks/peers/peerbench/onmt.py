@@ -19,7 +19,7 @@ import yaml
 from peerbench import matched
 from peerbench.envs import ONMT, ensure_env, package_versions, venv_python
 from peerbench.procs import BenchError, StepPoint, check_ok, child_env, log_time, run_logged
-from peerbench.toolkit import DecodeOutcome, DecodeSpec, Toolkit, TrainOutcome, TrainSpec
+from peerbench.toolkit import DecodeOutcome, DecodeSpec, Toolkit, TrainOutcome, TrainSpec, Workspace
 
 # [2026-11-21 02:20:42,123 INFO] Step 5/  300; acc: ...; sents:      64; bsz:   15/  16/64; ...
 STEP_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO\] Step\s+(\d+)(?:/\s*\d+)?;"
@@ -77,7 +77,7 @@ class OpenNMT(Toolkit):
     name = "onmt"
     label = "OpenNMT-py"
 
-    def __init__(self, work) -> None:
+    def __init__(self, work: Workspace) -> None:
         super().__init__(work)
         self.python = venv_python(work.venvs, ONMT)
 
@@ -93,11 +93,11 @@ class OpenNMT(Toolkit):
         config_path.write_text(yaml.safe_dump(train_config(spec), sort_keys=False), encoding="utf-8")
         cmd = [str(self.python), "-m", "onmt.bin.train", "-config", str(config_path)]
         proc = run_logged(cmd, spec.log, child_env(spec.threads))
-        check_ok(proc, "onmt: training", spec.log)
+        check_ok(proc, "training", spec.log)
         points, params = parse_train_log(spec.log.read_text(encoding="utf-8", errors="replace"))
         checkpoint = spec.run_dir / f"model_step_{spec.steps}.pt"
         if not checkpoint.is_file():
-            raise BenchError(f"onmt: training ended without {checkpoint.name}; log: {spec.log}")
+            raise BenchError(f"training ended without {checkpoint.name}; log: {spec.log}")
         return TrainOutcome(points=points, params=params, proc=proc, model=checkpoint,
                             info={"config": str(config_path)})
 
@@ -114,11 +114,11 @@ class OpenNMT(Toolkit):
         # Its checkpoints hold pickled objects that torch >= 2.6 refuses by default; allow that for
         # this process only, for OpenNMT-py's own files.
         proc = run_logged(cmd, spec.log, child_env(spec.threads, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}))
-        check_ok(proc, "onmt: decoding", spec.log)
+        check_ok(proc, "decoding", spec.log)
         text = spec.log.read_text(encoding="utf-8", errors="replace")
         rate, total = TOKENS_PER_S_LINE.search(text), TOTAL_TIME_LINE.search(text)
         if rate is None or total is None or not spec.out.is_file():
-            raise BenchError(f"onmt: decoding wrote no timing or no output; log: {spec.log}")
+            raise BenchError(f"decoding wrote no timing or no output; log: {spec.log}")
         words = sum(len(line.split()) for line in spec.out.read_text(encoding="utf-8").splitlines())
         if float(rate.group(1)) > 0 and words:
             # its total time is printed to 0.1 s; its tokens/s (same clock, same tokens) is finer

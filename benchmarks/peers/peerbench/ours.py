@@ -21,10 +21,10 @@ ATTENTION_OVERRIDES = {
 }
 
 
-def batching_overrides(spec: TrainSpec) -> list[str]:
-    if spec.batching == "tokens":
-        return [f"trainer.max_tokens={spec.max_tokens}", "trainer.max_sentences=100000"]
-    return [f"trainer.max_sentences={spec.batch_sentences}", "trainer.max_tokens=1000000"]
+def batching_overrides(batching: str, batch_sentences: int, max_tokens: int) -> list[str]:
+    if batching == "tokens":
+        return [f"trainer.max_tokens={max_tokens}", "trainer.max_sentences=100000"]
+    return [f"trainer.max_sentences={batch_sentences}", "trainer.max_tokens=1000000"]
 
 
 def git_revision(folder: Path) -> str:
@@ -51,7 +51,7 @@ class Ours(Toolkit):
 
     def setup(self, log: Path) -> None:
         result = run_logged([self.python, "-c", "import seq2seq.trainer"], log, child_env(1))
-        check_ok(result, "ours: import seq2seq", log)
+        check_ok(result, "import seq2seq", log)
 
     def versions(self) -> dict[str, str]:
         import seq2seq
@@ -59,20 +59,36 @@ class Ours(Toolkit):
         found = package_versions(Path(self.python), ("seq2seq",))
         return {**found, "commit": git_revision(Path(seq2seq.__file__).resolve().parent.parent)}
 
+    def train_overrides(self, attention: str, steps: int, threads: int, seed: int, batching: str,
+                        batch_sentences: int, max_tokens: int) -> list[str]:
+        """Our training config for one benchmark run; ``--ours-override`` values come last and win."""
+        return [*data_overrides(self.data_root, self.work.cache), *ours_model_overrides(),
+                *ATTENTION_OVERRIDES[attention], *batching_overrides(batching, batch_sentences, max_tokens),
+                f"trainer.num_threads={threads}", f"trainer.max_steps={steps}", f"seed={seed}",
+                "trainer.device=cpu", *self.overrides]
+
+    def check_config(self, attentions: list[str], **run: int | str) -> None:
+        """Compose every config we will train with, so a bad override stops the benchmark at once
+        (before any set-up) with our one-line message; raises ``Seq2SeqError``."""
+        from seq2seq.cli import compose_checked
+        from seq2seq.config import register_configs
+
+        register_configs()
+        for attention in attentions:
+            compose_checked("train", self.train_overrides(attention, **run))
+
     def train(self, spec: TrainSpec) -> TrainOutcome:
-        overrides = [*data_overrides(self.data_root, self.work.cache), *ours_model_overrides(),
-                     *ATTENTION_OVERRIDES[spec.attention],
-                     *batching_overrides(spec), f"trainer.num_threads={spec.threads}",
-                     f"trainer.max_steps={spec.steps}", f"seed={spec.seed}", "trainer.device=cpu", *self.overrides]
+        overrides = self.train_overrides(spec.attention, spec.steps, spec.threads, spec.seed, spec.batching,
+                                         spec.batch_sentences, spec.max_tokens)
         result_file = spec.run_dir / "bench-result.json"
         cmd = [self.python, str(CHILD), "train", "--run-dir", str(spec.run_dir), "--steps", str(spec.steps),
                "--result", str(result_file), "--", *overrides]
         proc = run_logged(cmd, spec.log, child_env(spec.threads))
-        check_ok(proc, "ours: training", spec.log)
+        check_ok(proc, "training", spec.log)
         try:
             result = json.loads(result_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            raise BenchError(f"ours: training wrote no result ({err}); log: {spec.log}") from None
+            raise BenchError(f"training wrote no result ({err}); log: {spec.log}") from None
         points = [StepPoint(step=int(s), time=float(t), tokens=float(n)) for s, t, n in result.pop("points")]
         return TrainOutcome(points=points, params=result.pop("params"), proc=proc, model=spec.run_dir, info=result)
 
@@ -83,7 +99,7 @@ class Ours(Toolkit):
                "--src", str(corpus.file(corpus.test, corpus.src_lang)), "--out", str(spec.out),
                "--beam", str(spec.beam), "--threads", str(spec.threads), "--result", str(result_file)]
         proc = run_logged(cmd, spec.log, child_env(spec.threads))
-        check_ok(proc, "ours: decoding", spec.log)
+        check_ok(proc, "decoding", spec.log)
         result = json.loads(result_file.read_text(encoding="utf-8"))
         return DecodeOutcome(seconds=result["seconds"], timing="in-process timer around translate_ids", proc=proc)
 

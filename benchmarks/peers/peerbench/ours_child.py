@@ -60,7 +60,7 @@ def train(args: argparse.Namespace) -> None:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, data, args.run_dir)
     points = run_updates(trainer, args.steps)
-    trainer.save("last")
+    trainer.save()  # checkpoints/last.pt
     import torch
 
     _write(args.result, {

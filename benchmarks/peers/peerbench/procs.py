@@ -8,12 +8,15 @@ the process and any children it waited for), not the maximum over all children s
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+
+EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit))\b:?\s*(.*)$")
 
 
 class BenchError(Exception):
@@ -93,15 +96,21 @@ def check_ok(result: ProcResult, what: str, log: Path) -> None:
 
 
 def last_error_line(log: Path) -> str:
-    """The most telling line of a failed child's log (the exception line if there is one)."""
+    """The most telling line of a failed child's log: its last exception line (with the source
+    line above it when the exception has no message), or else its last line."""
     try:
         lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines()
                  if ln.strip()]
     except OSError:
         return "no log"
-    for line in reversed(lines):
-        if "Error" in line or "error:" in line or "Exception" in line:
-            return line[:200]
+    for i in range(len(lines) - 1, -1, -1):
+        m = EXCEPTION_LINE.match(lines[i])
+        if m:
+            if not m.group(2) and i > 0:  # a bare `AssertionError`: show the failing statement
+                return f"{lines[i - 1][:160]} ({m.group(1)})"
+            return lines[i][:200]
+        if lines[i].startswith("error:"):
+            return lines[i][:200]
     return lines[-1][:200] if lines else "empty log"
 
 

@@ -105,7 +105,7 @@ def markdown(results: dict, rows: list[dict], ratios: list[dict]) -> str:
     torches = ", ".join(f"{tk['label']}: {ver.get(tk['name'], {}).get('torch', '?')}" for tk in results["toolkits"])
     lines += [
         f"- Command: `{shlex.join(results['command'])}`",
-        f"- Machine: {m['cpu']}, {m['cpu_count']} cores; **{m['threads']} threads** for every toolkit "
+        f"- Machine: {m['cpu']}, {m['cpu_count']} cores; threads: **{m['threads']}** for every toolkit "
         f"(OMP/MKL_NUM_THREADS, and our trainer.num_threads); load average "
         f"{m['loadavg_start'][0]:.2f} at the start, {m['loadavg_end'][0]:.2f} at the end",
         f"- Toolkits: {toolkit_versions}",
@@ -117,7 +117,8 @@ def markdown(results: dict, rows: list[dict], ratios: list[dict]) -> str:
         + (f"{s['batch_sentences']}-sentence batches" if s["batching"] == "sentences"
            else f"batches of {s['max_tokens']} tokens (padding included)")
         + f", no validation; tokens/s over updates {s['warmup_steps'] + 1}–{s['steps']} (the first "
-        f"{s['warmup_steps']} and start-up excluded), median of {s['repeats']} repeats run interleaved",
+        f"{s['warmup_steps']} and start-up excluded), "
+        + (f"median of {s['repeats']} repeats run interleaved" if s["repeats"] > 1 else "one run each"),
         f"- Decoding: the last repeat's models, batches of 64 sentences, greedy and beam {beam} (length "
         f"penalty ((5+n)/6)^1); tok/s counts output pieces (EOS excluded); BLEU: sacreBLEU on the "
         f"de-segmented output against the raw references",
