@@ -83,7 +83,11 @@ class AdditiveAttention(Attention):
         return AttentionMemory(keys=self.key_proj(enc.outputs), values=enc.outputs, mask=enc.mask)
 
     def forward(self, query: torch.Tensor, memory: AttentionMemory) -> AttentionResult:
-        q = self.query_proj(query).unsqueeze(2)  # (B, T, 1, A)
+        return self.attend_projected(self.query_proj(query), memory)
+
+    def attend_projected(self, projected: torch.Tensor, memory: AttentionMemory) -> AttentionResult:
+        """Attention from queries already multiplied by W (+ bias), (B, T, A)."""
+        q = projected.unsqueeze(2)  # (B, T, 1, A)
         scores = self.energy(torch.tanh(q + memory.keys.unsqueeze(1))).squeeze(-1)  # (B, T, S)
         weights = masked_softmax(scores, memory.mask)
         return AttentionResult(context=torch.bmm(weights, memory.values), weights=weights)

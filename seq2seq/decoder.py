@@ -19,7 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from seq2seq.attention import Attention, AttentionMemory
+from seq2seq.attention import AdditiveAttention, Attention, AttentionMemory
+from seq2seq.steplinear import SharedWeight
 
 
 class DecoderState(NamedTuple):
@@ -33,12 +34,14 @@ class DecoderState(NamedTuple):
 
 
 class StepWeights(NamedTuple):
-    """nn.LSTM's parameters as the fused step uses them (views, no copies)."""
+    """The parameters the step loop applies at every step, wrapped for one pass."""
 
-    extra_t: torch.Tensor | None  # (C, 4H) layer 0's context/feed columns, transposed
-    hh_t: list[torch.Tensor]  # per layer (H, 4H)
-    ih: list[torch.Tensor]  # layers 1.. (4H, H)
-    bias: list[torch.Tensor]  # layers 1.. (4H,) both biases summed
+    extra: SharedWeight | None  # layer 0's context/feed columns of nn.LSTM's weight_ih_l0
+    hh: list[SharedWeight]  # per layer: weight_hh_l<k>
+    ih: list[SharedWeight]  # layers 1..: weight_ih_l<k>
+    bias: list[torch.Tensor]  # layers 1..: both biases summed
+    query: SharedWeight | None  # additive attention's query projection
+    combine: SharedWeight | None  # W_c, when h~ is fed back
 
 
 class DecoderOutput(NamedTuple):
@@ -79,7 +82,8 @@ class Decoder(nn.Module):
         b = summary.size(0)
         init = self.bridge(summary).view(b, 2, self.num_layers, self.hidden_size)
         hidden = torch.tanh(init[:, 0]).transpose(0, 1).contiguous()  # (L, B, H)
-        cell = init[:, 1].transpose(0, 1).contiguous()  # (L, B, H)
+        # The cell state stays float32 under bf16 autocast: it accumulates over every step.
+        cell = init[:, 1].transpose(0, 1).float().contiguous()  # (L, B, H)
         feed = summary.new_zeros(b, self.output_size)
         return DecoderState(hidden, cell, feed)
 
@@ -99,21 +103,23 @@ class Decoder(nn.Module):
         return nn.functional.linear(emb, w[:, : self.embedding.embedding_dim], self.rnn.bias_ih_l0 + self.rnn.bias_hh_l0)
 
     def _step_weights(self) -> StepWeights:
-        """The per-step weight views, taken once per pass: slicing inside the loop would make
-        autograd scatter a full-size zero gradient for every step."""
+        """The weights every step uses, wrapped once per pass (see ``steplinear``): each is cast
+        once and gets its gradient from one matmul over all steps."""
         rnn, size = self.rnn, self.embedding.embedding_dim
-        extra_t = rnn.weight_ih_l0[:, size:].t() if (self.context_before_rnn or self.input_feeding) else None
+        additive = isinstance(self.attention, AdditiveAttention)
         return StepWeights(
-            extra_t=extra_t,
-            hh_t=[getattr(rnn, f"weight_hh_l{k}").t() for k in range(self.num_layers)],
-            ih=[getattr(rnn, f"weight_ih_l{k}") for k in range(1, self.num_layers)],
+            extra=SharedWeight(rnn.weight_ih_l0[:, size:]) if (self.context_before_rnn or self.input_feeding) else None,
+            hh=[SharedWeight(getattr(rnn, f"weight_hh_l{k}")) for k in range(self.num_layers)],
+            ih=[SharedWeight(getattr(rnn, f"weight_ih_l{k}")) for k in range(1, self.num_layers)],
             bias=[getattr(rnn, f"bias_ih_l{k}") + getattr(rnn, f"bias_hh_l{k}") for k in range(1, self.num_layers)],
+            query=SharedWeight(self.attention.query_proj.weight) if additive else None,
+            combine=SharedWeight(self.combine.weight) if self.input_feeding else None,
         )
 
-    def _cell(self, gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor, hh_t: torch.Tensor
+    def _cell(self, gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor, hh: SharedWeight
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """LSTM cell (PyTorch's gate order i, f, g, o) given the input part of the gates."""
-        gates = torch.addmm(gates, h, hh_t)
+        gates = gates + hh(h)
         size = self.hidden_size
         sig = torch.sigmoid(gates)
         c = sig[:, size: 2 * size] * c + sig[:, :size] * torch.tanh(gates[:, 2 * size: 3 * size])
@@ -125,35 +131,45 @@ class Decoder(nn.Module):
         """All layers for one step: ``gates0`` (B, 4H) from the word, ``extra`` the context or the
         fed-back h~ (layer 0's other input). Returns the new (L, B, H) hidden and cell states."""
         if extra is not None:
-            gates0 = torch.addmm(gates0, extra, w.extra_t)
-        h, c = self._cell(gates0, state.hidden[0], state.cell[0], w.hh_t[0])
+            gates0 = gates0 + w.extra(extra)
+        h, c = self._cell(gates0, state.hidden[0], state.cell[0], w.hh[0])
         if self.num_layers == 1:
             return h.unsqueeze(0), c.unsqueeze(0)
         hs, cs = [h], [c]
         for layer in range(1, self.num_layers):
             below = nn.functional.dropout(hs[-1], self.rnn.dropout, self.training)
-            gates = nn.functional.linear(below, w.ih[layer - 1], w.bias[layer - 1])
-            h, c = self._cell(gates, state.hidden[layer], state.cell[layer], w.hh_t[layer])
+            gates = w.ih[layer - 1](below) + w.bias[layer - 1]
+            h, c = self._cell(gates, state.hidden[layer], state.cell[layer], w.hh[layer])
             hs.append(h)
             cs.append(c)
         return torch.stack(hs), torch.stack(cs)
+
+    def _attend(self, query: torch.Tensor, memory: AttentionMemory, w: StepWeights
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention for one step's query (B, Q): context (B, D) and weights (B, 1, S) or None."""
+        if w.query is not None:
+            projected = w.query(query) + self.attention.query_proj.bias
+            context, weights = self.attention.attend_projected(projected.unsqueeze(1), memory)
+        else:
+            context, weights = self.attention(query.unsqueeze(1), memory)
+        return context.squeeze(1), weights
 
     def _step(self, gates0: torch.Tensor, state: DecoderState, memory: AttentionMemory, w: StepWeights
               ) -> tuple[torch.Tensor, torch.Tensor, DecoderState, torch.Tensor | None]:
         """One step from layer 0's word gates: returns (top LSTM output h, context, new state, weights).
         h~ is formed here only when it is fed back (input feeding); otherwise the caller forms it."""
-        weights = None
         if self.context_before_rnn:
-            context, weights = self.attention(state.hidden[-1].unsqueeze(1), memory)  # previous state
-            context = context.squeeze(1)
+            context, weights = self._attend(state.hidden[-1], memory, w)  # previous state
             h, c = self._rnn_step(gates0, context, state, w)
             out = h[-1]
         else:
             h, c = self._rnn_step(gates0, state.feed if self.input_feeding else None, state, w)
             out = h[-1]
-            context, weights = self.attention(out.unsqueeze(1), memory)  # current state
-            context = context.squeeze(1)
-        feed = self._attentional(out, context) if self.input_feeding else state.feed
+            context, weights = self._attend(out, memory, w)  # current state
+        if self.input_feeding:
+            feed = torch.tanh(w.combine(torch.cat([out, context], dim=-1)) + self.combine.bias)
+        else:
+            feed = state.feed
         return out, context, DecoderState(h, c, feed), None if weights is None else weights.squeeze(1)
 
     def step(self, emb: torch.Tensor, state: DecoderState, memory: AttentionMemory

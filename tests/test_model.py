@@ -95,6 +95,24 @@ def test_fused_decoder_matches_a_per_step_nn_lstm(variant, layers):
         torch.testing.assert_close(stepwise_logits(model, batch)[0], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("variant", ALL)
+def test_fused_decoder_gradients_match_a_per_step_nn_lstm(variant, layers):
+    """The one-matmul weight gradients of the step loop equal plain autograd's, for every parameter."""
+    batch = batch3()
+    grads = []
+    for reference in (False, True):
+        model = make_model(variant, decoder_layers=layers, scale=1.5).train()  # dropout is 0
+        logits = reference_logits(model, batch) if reference else logits_of(model, batch, force_steps=True)
+        mask = batch.tgt_mask
+        torch.nn.functional.cross_entropy(logits[mask], batch.tgt_out[mask]).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    fused, expected = grads
+    assert fused.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(fused[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 # ----------------------------------------------------------------------------- shapes and gradients
 
 

@@ -1,0 +1,91 @@
+"""A weight used at every step of a recurrence, with its gradient computed in one matmul.
+
+Plain autograd computes a weight's gradient separately at each step (T small matmuls) and adds
+each into an accumulator (T passes over the whole weight), and under bf16 autocast it also casts
+the weight at each step. ``SharedWeight`` casts the weight once per pass, keeps each step's input
+and output gradient, and forms the weight gradient once, as one (out x T*B) @ (T*B x in) matmul,
+with a single rounding. The arithmetic is the same; the work is a few large operations instead of
+many small ones.
+
+Outside autograd (evaluation, search) it is a plain matmul in the autocast dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    device = weight.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+class SharedWeight:
+    """``weight`` (out, in) applied as ``x @ weight.T`` at many steps of one forward pass."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.dtype = _compute_dtype(weight)
+        self.tracked = torch.is_grad_enabled() and weight.requires_grad
+        self.inputs: list[torch.Tensor] = []
+        self.grads: dict[int, torch.Tensor] = {}
+        self.signalled = False
+        if self.tracked:
+            self.step_weight = _CastOnce.apply(weight, self)
+        else:
+            self.step_weight = weight.detach().to(self.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.tracked:
+            return x.to(self.dtype) @ self.step_weight.t()
+        return _StepMatmul.apply(x, self.step_weight, self)
+
+
+class _CastOnce(torch.autograd.Function):
+    """The weight in the compute dtype; its backward runs after every step's and forms the
+    gradient from all of them at once."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, shared: SharedWeight) -> torch.Tensor:
+        ctx.shared = shared
+        ctx.weight_dtype = weight.dtype
+        return weight.detach().to(shared.dtype, copy=True).contiguous()
+
+    @staticmethod
+    def backward(ctx, _placeholder: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        shared = ctx.shared
+        steps = sorted(shared.grads)
+        if not steps:
+            return None, None
+        x = torch.cat([shared.inputs[i] for i in steps])  # (T*B, in)
+        g = torch.cat([shared.grads[i] for i in steps])  # (T*B, out)
+        shared.inputs.clear()
+        shared.grads.clear()
+        return g.t().mm(x).to(ctx.weight_dtype), None
+
+
+class _StepMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, shared: SharedWeight) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(weight.dtype)
+            ctx.index = len(shared.inputs)
+            shared.inputs.append(x)
+            ctx.shared = shared
+            ctx.save_for_backward(weight)
+            return x.mm(weight.t())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        (weight,) = ctx.saved_tensors
+        shared = ctx.shared
+        grad = grad.to(weight.dtype)
+        shared.grads[ctx.index] = grad
+        placeholder = None
+        if not shared.signalled:
+            # One non-None gradient makes autograd run _CastOnce.backward once all steps are done;
+            # an expanded scalar costs no memory, and the others send None, so nothing is summed.
+            shared.signalled = True
+            placeholder = weight.new_zeros(()).expand_as(weight)
+        return grad.mm(weight), placeholder, None
