@@ -22,6 +22,9 @@ def main() -> None:
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--split", default=None)
     parser.add_argument("--data-root", default=None)
+    parser.add_argument("--precision", choices=["run", "fp32", "bf16"], default="run",
+                        help="decode in the run's own precision (default) or force float32 / bf16 autocast")
+    parser.add_argument("--batch-size", type=int, default=None, help="sentences decoded together (default: the run's)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -41,11 +44,15 @@ def main() -> None:
     ids = loaded.tokenizer.encode_src(src)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {loaded.model.description}; "
           f"{cfg.data.corpus}/{split}: {len(ids)} sentences")
-    for name, search in (("greedy", SearchConfig(beam_size=1)), (f"beam{args.beam}", SearchConfig(beam_size=args.beam))):
+    amp = {"run": loaded.amp_dtype, "fp32": None, "bf16": torch.bfloat16}[args.precision]
+    batch = {"batch_size": args.batch_size} if args.batch_size else {}
+    print(f"precision: {'bf16 autocast' if amp else 'float32'}")
+    for name, search in (("greedy", SearchConfig(beam_size=1, **batch)),
+                         (f"beam{args.beam}", SearchConfig(beam_size=args.beam, **batch))):
         times, tokens = [], 0
         for _ in range(args.repeats):
             start = time.perf_counter()
-            hyps = translate_ids(loaded.model, ids, search, loaded.device, loaded.amp_dtype)
+            hyps = translate_ids(loaded.model, ids, search, loaded.device, amp)
             times.append(time.perf_counter() - start)
             tokens = sum(len(h.tokens) + 1 for h in hyps)
         t = statistics.median(times)

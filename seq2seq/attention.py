@@ -80,15 +80,19 @@ class AdditiveAttention(Attention):
         self.energy = nn.Linear(hidden_size, 1, bias=False)  # v
 
     def prepare(self, enc: EncoderOutput) -> AttentionMemory:
-        return AttentionMemory(keys=self.key_proj(enc.outputs), values=enc.outputs, mask=enc.mask)
+        # Keys in float32 (cast once per batch): the per-step tanh over (B, S, A) is the costliest
+        # element-wise work of a step, and on CPU it is several times slower in bf16.
+        return AttentionMemory(keys=self.key_proj(enc.outputs).float(), values=enc.outputs, mask=enc.mask)
 
     def forward(self, query: torch.Tensor, memory: AttentionMemory) -> AttentionResult:
         return self.attend_projected(self.query_proj(query), memory)
 
     def attend_projected(self, projected: torch.Tensor, memory: AttentionMemory) -> AttentionResult:
         """Attention from queries already multiplied by W (+ bias), (B, T, A)."""
-        q = projected.unsqueeze(2)  # (B, T, 1, A)
-        scores = self.energy(torch.tanh(q + memory.keys.unsqueeze(1))).squeeze(-1)  # (B, T, S)
+        q = projected.float().unsqueeze(2)  # (B, T, 1, A)
+        energies = torch.tanh(q + memory.keys.unsqueeze(1))  # (B, T, S, A), float32
+        with torch.autocast(energies.device.type, enabled=False):
+            scores = nn.functional.linear(energies, self.energy.weight).squeeze(-1)  # (B, T, S)
         weights = masked_softmax(scores, memory.mask)
         return AttentionResult(context=torch.bmm(weights, memory.values), weights=weights)
 

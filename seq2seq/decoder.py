@@ -89,7 +89,9 @@ class Decoder(nn.Module):
 
     def _attentional(self, rnn_out: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # h~ = tanh(W_c [h; c]), (B, T, P)
-        return torch.tanh(self.combine(torch.cat([rnn_out, context], dim=-1)))
+        # Non-linearities run in float32 even under bf16 autocast: on CPU a bf16 tanh costs several
+        # times a float32 one, and the matmul before it is where bf16 pays.
+        return torch.tanh(self.combine(torch.cat([rnn_out, context], dim=-1)).float())
 
     # -------------------------------------------------------------- the fused step
     # The step-by-step paths do not call nn.LSTM once per step (a full RNN call per time step costs
@@ -119,7 +121,7 @@ class Decoder(nn.Module):
     def _cell(self, gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor, hh: SharedWeight
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """LSTM cell (PyTorch's gate order i, f, g, o) given the input part of the gates."""
-        gates = gates + hh(h)
+        gates = (gates + hh(h)).float()  # float32 non-linearities and cell state (see _attentional)
         size = self.hidden_size
         sig = torch.sigmoid(gates)
         c = sig[:, size: 2 * size] * c + sig[:, :size] * torch.tanh(gates[:, 2 * size: 3 * size])
@@ -167,16 +169,21 @@ class Decoder(nn.Module):
             out = h[-1]
             context, weights = self._attend(out, memory, w)  # current state
         if self.input_feeding:
-            feed = torch.tanh(w.combine(torch.cat([out, context], dim=-1)) + self.combine.bias)
+            feed = torch.tanh((w.combine(torch.cat([out, context], dim=-1)) + self.combine.bias).float())
         else:
             feed = state.feed
         return out, context, DecoderState(h, c, feed), None if weights is None else weights.squeeze(1)
 
-    def step(self, emb: torch.Tensor, state: DecoderState, memory: AttentionMemory
-             ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
+    def step_weights(self) -> StepWeights:
+        """Wrap the step weights once for many ``step`` calls (search reuses them at every step)."""
+        return self._step_weights()
+
+    def step(self, emb: torch.Tensor, state: DecoderState, memory: AttentionMemory,
+             weights: StepWeights | None = None) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
         """One step. ``emb`` (B, E) is the embedded previous word; returns h~ (B, P), the new
-        state and the attention weights (B, S) or None."""
-        out, context, state, weights = self._step(self._embedding_gates(emb), state, memory, self._step_weights())
+        state and the attention weights (B, S) or None. ``weights``: from ``step_weights()``."""
+        weights = weights if weights is not None else self._step_weights()
+        out, context, state, weights = self._step(self._embedding_gates(emb), state, memory, weights)
         if self.input_feeding:
             return state.feed, state, weights
         h_tilde = self._attentional(out, context)
@@ -204,11 +211,12 @@ class Decoder(nn.Module):
         if sampling and project is None:
             raise ValueError("scheduled sampling needs the output layer")
         # The gold words' input projections for every step in one matmul (unused where sampled).
-        gold_gates = self._embedding_gates(self.dropout(self.embedding(tgt_in)))  # (B, T, 4H)
+        # unbind, not [:, t]: one backward node for all steps instead of a full-size zero gradient per step
+        gold_gates = self._embedding_gates(self.dropout(self.embedding(tgt_in))).unbind(1)  # T x (B, 4H)
         outs, contexts, feeds, attn, logits = [], [], [], [], []
         weights_t = self._step_weights()
         for t in range(steps):
-            gates0 = gold_gates[:, t]
+            gates0 = gold_gates[t]
             if sampling and t > 0:
                 use_gold = torch.rand(tgt_in[:, t].shape, device=tgt_in.device) < teacher_forcing
                 predicted = logits[-1].argmax(-1)

@@ -24,7 +24,7 @@ from seq2seq.attention import (
 )
 from seq2seq.batching import Batch
 from seq2seq.config import AttentionType, LuongScore, ModelConfig
-from seq2seq.decoder import Decoder, DecoderOutput, DecoderState
+from seq2seq.decoder import Decoder, DecoderOutput, DecoderState, StepWeights
 from seq2seq.encoder import Encoder
 from seq2seq.errors import ConfigError
 
@@ -53,10 +53,16 @@ class Seq2Seq(nn.Module):
         memory = self.decoder.attention.prepare(enc)  # key projections: once per batch
         return EncodedSource(memory=memory, state=self.decoder.init_state(enc.summary))
 
-    def decode_step(self, prev_tokens: torch.Tensor, state: DecoderState, memory: AttentionMemory) -> StepOutput:
-        """One decoder step from the previous tokens (B,); the search functions' only entry."""
+    def step_weights(self) -> StepWeights:
+        """The decoder's per-step weights, prepared once (cast to the autocast dtype) for a search."""
+        return self.decoder.step_weights()
+
+    def decode_step(self, prev_tokens: torch.Tensor, state: DecoderState, memory: AttentionMemory,
+                    weights: StepWeights | None = None) -> StepOutput:
+        """One decoder step from the previous tokens (B,); the search functions' only entry.
+        ``weights`` from ``step_weights()`` saves re-preparing them at every step."""
         emb = self.decoder.embedding(prev_tokens)  # (B, E)
-        h_tilde, state, weights = self.decoder.step(emb, state, memory)
+        h_tilde, state, weights = self.decoder.step(emb, state, memory, weights)
         return StepOutput(logits=self.output_layer(h_tilde), state=state, attention=weights)
 
     def forward(self, batch: Batch, teacher_forcing: float = 1.0, force_steps: bool = False) -> DecoderOutput:

@@ -66,6 +66,7 @@ def greedy_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 51
     device = batch.src.device
     encoded = model.encode(batch.src, batch.src_lengths, batch.src_mask)
     state, memory = encoded.state, encoded.memory
+    step_weights = model.step_weights()
     b = batch.src.size(0)
     limits = max_lengths(batch.src_lengths, cfg, cap).to(device)
     prev = torch.full((b,), BOS_ID, dtype=torch.long, device=device)
@@ -75,7 +76,7 @@ def greedy_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 51
     tokens, attn = [], []
     eos_only = None
     for t in range(int(limits.max())):
-        out = model.decode_step(prev, state, memory)
+        out = model.decode_step(prev, state, memory, step_weights)
         logp = torch.log_softmax(out.logits.float(), dim=-1)
         if eos_only is None:
             eos_only, never = token_masks(logp.size(1), device)
@@ -111,6 +112,7 @@ def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512)
     device = batch.src.device
     b = batch.src.size(0)
     encoded = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+    step_weights = model.step_weights()
     rows = torch.arange(b, device=device).repeat_interleave(k)  # (B*K,)
     state, memory = encoded.state.select(rows), encoded.memory.select(rows)
     limits = max_lengths(batch.src_lengths, cfg, cap).to(device)  # (B,)
@@ -128,7 +130,7 @@ def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512)
     eos_only = None
 
     for t in range(steps):
-        out = model.decode_step(prev, state, memory)
+        out = model.decode_step(prev, state, memory, step_weights)
         logp = torch.log_softmax(out.logits.float(), dim=-1)  # (B*K, V)
         v = logp.size(-1)
         if eos_only is None:
