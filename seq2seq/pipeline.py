@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -44,6 +45,15 @@ def check_writable(run_dir: Path) -> None:
                           "choose another with hydra.run.dir=... or free the disk") from None
 
 
+def check_free_space(run_dir: Path, needed: int) -> None:
+    """Fail before training when the run directory cannot hold a new checkpoint beside the last."""
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise RunDirError(f"run directory {run_dir} has {free / 2**20:.0f} MB free but checkpoints of this model "
+                          f"need about {needed / 2**20:.0f} MB; free some space or choose another with "
+                          "hydra.run.dir=...")
+
+
 def run_training(cfg: TrainConfig, run_dir: Path) -> list[tuple[EvalReport, Path]]:
     """Train (or resume) in ``run_dir``, then evaluate the best checkpoint on the test splits."""
     check_writable(run_dir)
@@ -57,6 +67,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> list[tuple[EvalReport, Path
                           "or start a new run directory")
     data = prepare_data(cfg.data, cfg.tokenizer)
     trainer = Trainer(cfg, data, run_dir)
+    check_free_space(run_dir, 2 * trainer.checkpoint_bytes())
     if cfg.trainer.resume is not None:
         if not has_checkpoint:
             raise RunDirError(f"cannot resume: {ckpt_dir} holds no checkpoint (the run was stopped before "

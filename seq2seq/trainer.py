@@ -218,8 +218,17 @@ class Trainer:
         if not self._model_is_finite():
             log.error("model weights are not finite at step %d; no checkpoint written", self.progress.step)
             return
-        save_step_checkpoint(self.state_payload(), self.ckpt_dir, self.progress.step,
-                             self.cfg.trainer.keep_checkpoints, ("last", "best") if best else ("last",))
+        try:
+            save_step_checkpoint(self.state_payload(), self.ckpt_dir, self.progress.step,
+                                 self.cfg.trainer.keep_checkpoints, ("last", "best") if best else ("last",))
+        except OSError as err:  # the write went to a temp file: earlier checkpoints are intact
+            raise TrainingError(f"cannot write a checkpoint to {self.ckpt_dir} at step {self.progress.step} "
+                                f"({err.strerror or err}); free space there, then resume with "
+                                f"trainer.resume={self.run_dir}") from None
+
+    def checkpoint_bytes(self) -> int:
+        """About how large one checkpoint is: weights and Adam's two moments in float32."""
+        return 3 * 4 * self.num_parameters + 2**20
 
     def restore(self) -> Path:
         """Continue from ``last.pt``, or from the newest readable step checkpoint when it is damaged."""

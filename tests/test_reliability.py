@@ -257,3 +257,42 @@ def test_resuming_a_finished_run_says_so(prepared, uninterrupted, tmp_path) -> N
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "already finished at step 36" in proc.stderr + proc.stdout
     assert {p.name: p.stat().st_mtime_ns for p in (uninterrupted / "checkpoints").iterdir()} == before
+
+
+# ----------------------------------------------------------------------------- full disk
+
+
+def test_a_full_disk_is_detected_before_training(prepared, tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    from seq2seq.errors import RunDirError
+
+    cache, _ = prepared
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr("seq2seq.pipeline.shutil.disk_usage", lambda _: usage._replace(free=2**20))
+    cfg = smoke_config(cache, "trainer.max_steps=4")
+    with pytest.raises(RunDirError, match=r"has 1 MB free but checkpoints of this model need about \d+ MB"):
+        run_training(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_disk_that_fills_up_during_training_stops_with_a_clear_error(prepared, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    import errno
+
+    cache, data = prepared
+    cfg = smoke_config(cache, "trainer.max_steps=10", "trainer.valid_every=100", "trainer.save_every=3")
+    trainer = Trainer(cfg, data, tmp_path)
+    original = torch.save
+
+    def save(obj, f):
+        if obj["progress"]["step"] == 6:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(obj, f)
+
+    monkeypatch.setattr("seq2seq.checkpoint.torch.save", save)
+    with pytest.raises(TrainingError, match=r"cannot write a checkpoint .* at step 6 \(No space left on device\)"):
+        trainer.fit()
+    monkeypatch.undo()
+    assert load_latest(tmp_path / "checkpoints")[1]["progress"]["step"] == 3  # the earlier one is intact
+    assert not list((tmp_path / "checkpoints").glob(".*"))
