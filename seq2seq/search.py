@@ -60,6 +60,12 @@ def token_masks(vocab_size: int, device: torch.device) -> tuple[torch.Tensor, to
     return eos_only, never
 
 
+def _compact_now(done: int, active: int) -> bool:
+    """Drop finished rows once a quarter of the decoded rows are finished: the index_select of the
+    state and memory then costs less than the output layer and attention spent on dead rows."""
+    return done > 0 and 4 * done >= active
+
+
 @torch.no_grad()
 def greedy_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512,
                   keep_attention: bool = False) -> list[Hypothesis]:
@@ -69,39 +75,47 @@ def greedy_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 51
     step_weights = model.step_weights()
     b = batch.src.size(0)
     limits = max_lengths(batch.src_lengths, cfg, cap).to(device)
+    steps = int(limits.max())
+    rows = torch.arange(b, device=device)  # the batch rows still being decoded
+    limit = limits  # their length caps
     prev = torch.full((b,), BOS_ID, dtype=torch.long, device=device)
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)  # among ``rows``
     lengths = limits.clone()  # output length incl. EOS; replaced when EOS is produced
     score = torch.zeros(b, device=device)
-    tokens, attn = [], []
+    tokens = torch.full((b, steps), EOS_ID, dtype=torch.long, device=device)
+    attn = batch.src.new_zeros((b, steps, batch.src.size(1)), dtype=torch.float) if keep_attention else None
     eos_only = None
-    for t in range(int(limits.max())):
+    for t in range(steps):
         out = model.decode_step(prev, state, memory, step_weights)
         logp = torch.log_softmax(out.logits.float(), dim=-1)
         if eos_only is None:
             eos_only, never = token_masks(logp.size(1), device)
         logp = logp + never
-        at_cap = (t + 1) >= limits
+        at_cap = (t + 1) >= limit
         logp[at_cap] = logp[at_cap] + eos_only  # a sentence at its cap is forced to end
         step_score, prev = logp.max(dim=-1)
-        score = score + torch.where(finished, 0.0, step_score)
+        score.index_add_(0, rows, torch.where(finished, 0.0, step_score))
         newly = (prev == EOS_ID) & ~finished
-        lengths = torch.where(newly, torch.full_like(lengths, t + 1), lengths)
+        lengths[rows] = torch.where(newly, t + 1, lengths[rows])
         finished |= newly
-        tokens.append(prev)
-        if keep_attention and out.attention is not None:
-            attn.append(out.attention)
+        tokens[rows, t] = prev
+        if attn is not None and out.attention is not None:
+            attn[rows, t] = out.attention.float()
         state = out.state
-        # One host sync per step: stop as soon as every sentence has ended.
-        if bool(finished.all()):
+        # One host sync per step: stop when every sentence has ended, compact when many have.
+        done = int(finished.sum())
+        if done == rows.numel():
             break
-    all_tokens = torch.stack(tokens, dim=1).tolist()  # (B, steps)
-    weights = torch.stack(attn, dim=1) if attn else None  # (B, steps, S)
+        if _compact_now(done, rows.numel()):
+            keep = (~finished).nonzero().squeeze(1)
+            rows, limit, prev, finished = rows[keep], limit[keep], prev[keep], finished[keep]
+            state, memory = state.select(keep), memory.select(keep)
+    all_tokens = tokens.tolist()
     src_len = batch.src_lengths.tolist()
     hyps = []
     for i, n in enumerate(lengths.tolist()):
         seq = all_tokens[i][: n - 1]  # the first EOS is at position n - 1
-        a = weights[i, :n, : src_len[i]].cpu() if weights is not None else None
+        a = attn[i, :n, : src_len[i]].cpu() if attn is not None and out.attention is not None else None
         hyps.append(Hypothesis(tokens=seq, score=float(score[i]), attention=a))
     return hyps
 
@@ -118,6 +132,12 @@ def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512)
     limits = max_lengths(batch.src_lengths, cfg, cap).to(device)  # (B,)
     steps = int(limits.max())
 
+    # Finished sentences leave the decoded batch; their results wait here, by batch row.
+    out_scores = torch.full((b, k), float("-inf"), device=device)
+    out_tokens = torch.full((b, k, steps), EOS_ID, dtype=torch.long, device=device)
+    out_len = torch.zeros((b, k), dtype=torch.long, device=device)
+    sent = torch.arange(b, device=device)  # batch rows of the sentences still decoded
+
     scores = torch.full((b, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep one so the top-k are distinct
     history = torch.zeros((b, k, 0), dtype=torch.long, device=device)
@@ -126,21 +146,21 @@ def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512)
     fin_len = torch.zeros((b, k), dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     prev = torch.full((b * k,), BOS_ID, dtype=torch.long, device=device)
-    batch_offset = (torch.arange(b, device=device) * k).unsqueeze(1)  # (B, 1)
     eos_only = None
 
     for t in range(steps):
+        n = sent.numel()
         out = model.decode_step(prev, state, memory, step_weights)
-        logp = torch.log_softmax(out.logits.float(), dim=-1)  # (B*K, V)
+        logp = torch.log_softmax(out.logits.float(), dim=-1)  # (N*K, V)
         v = logp.size(-1)
         if eos_only is None:
             eos_only, never = token_masks(v, device)
         logp = logp + never
         at_cap = ((t + 1) >= limits).repeat_interleave(k)
         logp[at_cap] = logp[at_cap] + eos_only  # at the cap only EOS may follow
-        cand = (scores.unsqueeze(-1) + logp.view(b, k, v)).view(b, k * v)  # (B, K*V)
+        cand = (scores.unsqueeze(-1) + logp.view(n, k, v)).view(n, k * v)  # (N, K*V)
         n_cand = min(2 * k, k * v)
-        top_scores, top_idx = cand.topk(n_cand, dim=-1)  # (B, 2K)
+        top_scores, top_idx = cand.topk(n_cand, dim=-1)  # (N, 2K)
         top_beam = torch.div(top_idx, v, rounding_mode="floor")
         top_tok = top_idx % v
         is_eos = top_tok == EOS_ID
@@ -153,10 +173,10 @@ def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512)
         new_fin = torch.where(is_eos & in_beam & ~done.unsqueeze(1),
                               top_scores / length_penalty(torch.tensor(t + 1), cfg.length_penalty),
                               torch.tensor(float("-inf"), device=device))
-        pool_scores = torch.cat([fin_scores, new_fin], dim=1)  # (B, K + 2K)
+        pool_scores = torch.cat([fin_scores, new_fin], dim=1)  # (N, K + 2K)
         fin_scores, pick = pool_scores.topk(k, dim=-1)
-        cand_hist = torch.gather(history, 1, top_beam.unsqueeze(-1).expand(-1, -1, t))  # (B, 2K, t)
-        cand_tokens = torch.full((b, n_cand, steps), EOS_ID, dtype=torch.long, device=device)
+        cand_hist = torch.gather(history, 1, top_beam.unsqueeze(-1).expand(-1, -1, t))  # (N, 2K, t)
+        cand_tokens = torch.full((n, n_cand, steps), EOS_ID, dtype=torch.long, device=device)
         cand_tokens[:, :, :t] = cand_hist
         pool_tokens = torch.cat([fin_tokens, cand_tokens], dim=1)
         fin_tokens = torch.gather(pool_tokens, 1, pick.unsqueeze(-1).expand(-1, -1, steps))
@@ -165,26 +185,40 @@ def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512)
 
         # A sentence ends when its best candidate ends the sentence (beam 1 == greedy).
         done = done | is_eos[:, 0]
-        if bool(done.all()):
+        n_done = int(done.sum())  # the step's one host sync
+        if n_done == n:
             break
 
         # The K best unfinished candidates continue.
         alive_scores, alive = torch.where(is_eos, float("-inf"), top_scores).topk(k, dim=-1)
-        beam = torch.gather(top_beam, 1, alive)  # (B, K)
+        beam = torch.gather(top_beam, 1, alive)  # (N, K)
         tok = torch.gather(top_tok, 1, alive)
         history = torch.cat([torch.gather(history, 1, beam.unsqueeze(-1).expand(-1, -1, t)),
                              tok.unsqueeze(-1)], dim=2)
         scores = alive_scores
-        reorder = (batch_offset + beam).view(-1)
-        state = out.state.select(reorder)
+        reorder = (torch.arange(n, device=device).unsqueeze(1) * k + beam).view(-1)
         prev = tok.view(-1)
+        if _compact_now(n_done, n):  # store the finished sentences' results, decode only the rest
+            gone = done.nonzero().squeeze(1)
+            out_scores[sent[gone]], out_tokens[sent[gone]], out_len[sent[gone]] = (
+                fin_scores[gone], fin_tokens[gone], fin_len[gone])
+            keep = (~done).nonzero().squeeze(1)
+            sent, limits, done = sent[keep], limits[keep], done[keep]
+            scores, history, fin_scores, fin_tokens, fin_len = (
+                scores[keep], history[keep], fin_scores[keep], fin_tokens[keep], fin_len[keep])
+            kept_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+            reorder = reorder.view(n, k)[keep].view(-1)
+            prev = prev.view(n, k)[keep].view(-1)
+            memory = memory.select(kept_rows)
+        state = out.state.select(reorder)
 
-    best = fin_scores.argmax(dim=-1).tolist()
-    fin_tokens, fin_len, fin_scores = fin_tokens.tolist(), fin_len.tolist(), fin_scores.tolist()
+    out_scores[sent], out_tokens[sent], out_len[sent] = fin_scores, fin_tokens, fin_len
+    best = out_scores.argmax(dim=-1).tolist()
+    all_tokens, all_len, all_scores = out_tokens.tolist(), out_len.tolist(), out_scores.tolist()
     hyps = []
     for i, j in enumerate(best):
-        n = fin_len[i][j]
-        hyps.append(Hypothesis(tokens=fin_tokens[i][j][: max(n - 1, 0)], score=fin_scores[i][j], attention=None))
+        length = all_len[i][j]
+        hyps.append(Hypothesis(tokens=all_tokens[i][j][: max(length - 1, 0)], score=all_scores[i][j], attention=None))
     return hyps
 
 
