@@ -66,7 +66,7 @@ class Device(str, Enum):
 
 
 class Precision(str, Enum):
-    """``auto``: bf16 autocast on CUDA, float32 on CPU."""
+    """``auto``: bf16 autocast on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), else float32."""
 
     auto = "auto"
     fp32 = "fp32"

@@ -53,9 +53,21 @@ def resolve_device(requested: Device) -> torch.device:
     return torch.device("cuda")
 
 
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matmuls run several times faster than float32 ones. Without them
+    bf16 is emulated on CPU and slower than float32."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # an older torch without these probes: stay with float32
+        return False
+
+
 def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default; float32 on CPU unless bf16 is asked for."""
-    if precision == Precision.bf16 or (precision == Precision.auto and device.type == "cuda"):
+    """``auto``: bf16 autocast on CUDA and on CPUs with native bf16 (float32 master weights,
+    float32 non-linearities and cell state); float32 elsewhere. ``fp32``/``bf16`` force one."""
+    if precision == Precision.bf16:
+        return torch.bfloat16
+    if precision == Precision.auto and (device.type == "cuda" or cpu_has_native_bf16()):
         return torch.bfloat16
     return None
 

@@ -146,3 +146,16 @@ def test_bad_trainer_values_name_the_key(prepared, override: str, key: str) -> N
     cache, _ = prepared
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_trainer_config(smoke_config(cache, override))
+
+
+def test_auto_precision_uses_bf16_only_where_it_is_native(monkeypatch) -> None:
+    from seq2seq.config import Precision
+    from seq2seq.trainer import autocast_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr("seq2seq.trainer.cpu_has_native_bf16", lambda native=native: native)
+        assert autocast_dtype(Precision.auto, cpu) == expected
+        assert autocast_dtype(Precision.auto, cuda) == torch.bfloat16
+        assert autocast_dtype(Precision.fp32, cpu) is None and autocast_dtype(Precision.fp32, cuda) is None
+        assert autocast_dtype(Precision.bf16, cpu) == torch.bfloat16
