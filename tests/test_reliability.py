@@ -296,3 +296,37 @@ def test_a_disk_that_fills_up_during_training_stops_with_a_clear_error(prepared,
     monkeypatch.undo()
     assert load_latest(tmp_path / "checkpoints")[1]["progress"]["step"] == 3  # the earlier one is intact
     assert not list((tmp_path / "checkpoints").glob(".*"))
+
+
+# ----------------------------------------------------------------------------- Ctrl-C and SIGTERM
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_saves_exits_0_and_says_how_to_resume(prepared, tmp_path, sig) -> None:
+    import time
+
+    cache, _ = prepared
+    run_dir = tmp_path / "run"
+    args = ["experiment=smoke", "trainer.max_steps=100000", "trainer.valid_every=100000", "trainer.log_every=1",
+            f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([str(BIN / "seq2seq-train"), *args], env=_env(cache), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        log = run_dir / "train.log"
+        while not (log.exists() and "step 3: train loss" in log.read_text(encoding="utf-8")):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert f"continue with: seq2seq-train trainer.resume={run_dir}" in err
+    step = load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]["step"]
+    assert step >= 3
+    resumed = subprocess.run([str(BIN / "seq2seq-train"), f"trainer.resume={run_dir}",
+                              f"trainer.max_steps={step + 2}", "trainer.evaluate_at_end=false"],
+                             env=_env(cache), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]["step"] == step + 2
