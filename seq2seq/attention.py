@@ -69,6 +69,35 @@ class NoAttention(Attention):
         return AttentionResult(context=memory.values.expand(b, t, -1), weights=None)
 
 
+class AdditiveScores(torch.autograd.Function):
+    """scores = tanh(q + k) . v over (B, T, S, A), without keeping tanh(q + k) for backward.
+
+    Autograd would keep the (B, T, S, A) energies of every decoder step until backward, the
+    largest activation of a Bahdanau model (hundreds of MB for a batch of long sentences). Here
+    backward recomputes them from q and k, one add and one tanh, and frees them at once.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, keys: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q, keys, v)
+        return torch.add(q, keys).tanh_() @ v
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, keys, v = ctx.saved_tensors
+        energies = torch.add(q, keys).tanh_()  # (B, T, S, A)
+        grad_v = torch.einsum("bts,btsa->a", grad, energies)
+        # d/d(q + k) = grad * v * (1 - tanh^2), built in place in the energies' buffer
+        pre = energies.square_().neg_().add_(1).mul_(grad.unsqueeze(-1)).mul_(v)
+        return _sum_to(pre, q), _sum_to(pre, keys), grad_v
+
+
+def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum a broadcast gradient back to ``like``'s shape (its size-1 axes)."""
+    axes = tuple(i for i in range(grad.dim()) if like.size(i) == 1 and grad.size(i) != 1)
+    return grad.sum(dim=axes, keepdim=True) if axes else grad
+
+
 class AdditiveAttention(Attention):
     """score(q, h_j) = v^T tanh(W q + U h_j). Bahdanau et al. 2015, appendix A.1.2 (with the
     previous decoder state as q), and Luong et al. 2015's ``concat`` score (current state)."""
@@ -90,9 +119,8 @@ class AdditiveAttention(Attention):
     def attend_projected(self, projected: torch.Tensor, memory: AttentionMemory) -> AttentionResult:
         """Attention from queries already multiplied by W (+ bias), (B, T, A)."""
         q = projected.float().unsqueeze(2)  # (B, T, 1, A)
-        energies = torch.tanh(q + memory.keys.unsqueeze(1))  # (B, T, S, A), float32
-        with torch.autocast(energies.device.type, enabled=False):
-            scores = nn.functional.linear(energies, self.energy.weight).squeeze(-1)  # (B, T, S)
+        with torch.autocast(q.device.type, enabled=False):
+            scores = AdditiveScores.apply(q, memory.keys.unsqueeze(1), self.energy.weight.view(-1))  # (B, T, S)
         weights = masked_softmax(scores, memory.mask)
         return AttentionResult(context=torch.bmm(weights, memory.values), weights=weights)
 

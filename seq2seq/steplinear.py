@@ -22,24 +22,33 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+class _Tape:
+    """Each step's input and output gradient. Holds only detached tensors, so no reference cycle
+    runs through the autograd graph (a cycle through a Function's ctx would leak every step's
+    activations)."""
+
+    def __init__(self) -> None:
+        self.inputs: list[torch.Tensor] = []
+        self.grads: dict[int, torch.Tensor] = {}
+        self.signalled = False
+
+
 class SharedWeight:
     """``weight`` (out, in) applied as ``x @ weight.T`` at many steps of one forward pass."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.dtype = _compute_dtype(weight)
         self.tracked = torch.is_grad_enabled() and weight.requires_grad
-        self.inputs: list[torch.Tensor] = []
-        self.grads: dict[int, torch.Tensor] = {}
-        self.signalled = False
         if self.tracked:
-            self.step_weight = _CastOnce.apply(weight, self)
+            self.tape = _Tape()
+            self.step_weight = _CastOnce.apply(weight, self.tape, self.dtype)
         else:
             self.step_weight = weight.detach().to(self.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.tracked:
             return x.to(self.dtype) @ self.step_weight.t()
-        return _StepMatmul.apply(x, self.step_weight, self)
+        return _StepMatmul.apply(x, self.step_weight, self.tape)
 
 
 class _CastOnce(torch.autograd.Function):
@@ -47,45 +56,45 @@ class _CastOnce(torch.autograd.Function):
     gradient from all of them at once."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, shared: SharedWeight) -> torch.Tensor:
-        ctx.shared = shared
+    def forward(ctx, weight: torch.Tensor, tape: _Tape, dtype: torch.dtype) -> torch.Tensor:
+        ctx.tape = tape
         ctx.weight_dtype = weight.dtype
-        return weight.detach().to(shared.dtype, copy=True).contiguous()
+        return weight.detach().to(dtype, copy=True).contiguous()
 
     @staticmethod
-    def backward(ctx, _placeholder: torch.Tensor) -> tuple[torch.Tensor | None, None]:
-        shared = ctx.shared
-        steps = sorted(shared.grads)
+    def backward(ctx, _placeholder: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        tape = ctx.tape
+        steps = sorted(tape.grads)
         if not steps:
-            return None, None
-        x = torch.cat([shared.inputs[i] for i in steps])  # (T*B, in)
-        g = torch.cat([shared.grads[i] for i in steps])  # (T*B, out)
-        shared.inputs.clear()
-        shared.grads.clear()
-        return g.t().mm(x).to(ctx.weight_dtype), None
+            return None, None, None
+        x = torch.cat([tape.inputs[i] for i in steps])  # (T*B, in)
+        g = torch.cat([tape.grads[i] for i in steps])  # (T*B, out)
+        tape.inputs.clear()
+        tape.grads.clear()
+        return g.t().mm(x).to(ctx.weight_dtype), None, None
 
 
 class _StepMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, shared: SharedWeight) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, tape: _Tape) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            x = x.to(weight.dtype)
-            ctx.index = len(shared.inputs)
-            shared.inputs.append(x)
-            ctx.shared = shared
+            x = x.detach().to(weight.dtype)
+            ctx.index = len(tape.inputs)
+            tape.inputs.append(x)
+            ctx.tape = tape
             ctx.save_for_backward(weight)
             return x.mm(weight.t())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
         (weight,) = ctx.saved_tensors
-        shared = ctx.shared
+        tape = ctx.tape
         grad = grad.to(weight.dtype)
-        shared.grads[ctx.index] = grad
+        tape.grads[ctx.index] = grad
         placeholder = None
-        if not shared.signalled:
+        if not tape.signalled:
             # One non-None gradient makes autograd run _CastOnce.backward once all steps are done;
             # an expanded scalar costs no memory, and the others send None, so nothing is summed.
-            shared.signalled = True
+            tape.signalled = True
             placeholder = weight.new_zeros(()).expand_as(weight)
         return grad.mm(weight), placeholder, None

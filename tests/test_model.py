@@ -497,3 +497,18 @@ def test_restore_continues_from_the_saved_position(tiny_run, tmp_path):
     assert saved.keys() == restored.keys() and saved
     for k in saved:
         assert torch.equal(saved[k]["exp_avg"], restored[k]["exp_avg"])
+
+
+def test_additive_scores_match_autograd_and_pass_gradcheck():
+    from seq2seq.attention import AdditiveScores
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 1, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    keys = torch.randn(3, 1, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(AdditiveScores.apply, (q, keys, v))
+    weights = torch.randn(3, 4, 5, dtype=torch.float64, generator=g)
+    plain = torch.autograd.grad((torch.tanh(q + keys) @ v * weights).sum(), (q, keys, v))
+    fused = torch.autograd.grad((AdditiveScores.apply(q, keys, v) * weights).sum(), (q, keys, v))
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b)
