@@ -33,6 +33,7 @@ from seq2seq.config import (
     as_plain_dict,
 )
 from seq2seq.errors import ConfigError, RunDirError, TrainingError
+from seq2seq.losses import cross_entropy
 from seq2seq.metrics import corpus_score
 from seq2seq.model import Seq2Seq, build_model, count_parameters
 from seq2seq.optim import build_optimizer, build_scheduler
@@ -189,7 +190,6 @@ class Trainer:
         self.model: Seq2Seq = build_model(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, PAD_ID).to(self.device)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.loss_fn = nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=cfg.trainer.label_smoothing)
         ids = data.train.select_columns(["src_ids", "tgt_ids"])[:]  # plain lists: fast indexing
         self.train_src: list[list[int]] = ids["src_ids"]
         self.train_tgt: list[list[int]] = ids["tgt_ids"]
@@ -269,7 +269,9 @@ class Trainer:
             mask = batch.tgt_mask
             # Project only real target positions: padding never reaches the (large) output layer.
             logits = out.logits[mask] if out.logits is not None else self.model.project(out.hidden[mask])
-        return self.loss_fn(logits.float(), batch.tgt_out[mask])
+        # Chunked cross-entropy: the (N, V) float32 temporaries of nn.CrossEntropyLoss were the
+        # largest allocation of a step (seq2seq/losses.py).
+        return cross_entropy(logits, batch.tgt_out[mask], self.cfg.trainer.label_smoothing)
 
     def train_step(self, batch: Batch) -> StepResult:
         """One update, or a skipped one when the loss/gradient is not finite or the batch runs out of memory."""

@@ -318,11 +318,11 @@ def test_ctrl_c_or_sigterm_saves_exits_0_and_says_how_to_resume(prepared, tmp_pa
             assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
             time.sleep(0.2)
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 0, err[-3000:]
-    assert f"continue with: seq2seq-train trainer.resume={run_dir}" in err
+    assert f"continue with: seq2seq-train trainer.resume={run_dir}" in out + err
     step = load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]["step"]
     assert step >= 3
     resumed = subprocess.run([str(BIN / "seq2seq-train"), f"trainer.resume={run_dir}",
