@@ -138,3 +138,26 @@ def multi30k(shared_data: Path) -> Path:
     if not (shared_data / "multi30k").is_dir():
         pytest.skip(f"Multi30k not available at {shared_data / 'multi30k'}")
     return shared_data / "multi30k"
+
+
+def smoke_config(cache: Path, *overrides: str):
+    """A typed ``TrainConfig`` of ``experiment=smoke`` with its caches in ``cache``, logging every step."""
+    from omegaconf import OmegaConf
+
+    from seq2seq.cli import compose_checked
+    from seq2seq.config import register_configs
+
+    register_configs()
+    cfg = compose_checked("train", ["experiment=smoke", f"data.cache_dir={cache}", "trainer.log_every=1",
+                                    "trainer.valid_max_sentences=8", "model.dropout=0.1", *overrides])
+    return OmegaConf.to_object(cfg)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """(cache dir, prepared smoke data): SentencePiece trained once per test module."""
+    from seq2seq.prepare import prepare_data
+
+    cache = tmp_path_factory.mktemp("cache")
+    cfg = smoke_config(cache)
+    return cache, prepare_data(cfg.data, cfg.tokenizer)

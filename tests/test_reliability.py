@@ -12,32 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from conftest import smoke_config
 
 from seq2seq.checkpoint import load_checkpoint, load_latest, step_checkpoints
-from seq2seq.cli import compose_checked
-from seq2seq.config import TrainConfig, register_configs
 from seq2seq.errors import CheckpointError, TrainingError
 from seq2seq.pipeline import run_training
-from seq2seq.prepare import PreparedData, prepare_data
 from seq2seq.trainer import Trainer
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
-
-
-def smoke_config(cache: Path, *overrides: str) -> TrainConfig:
-    register_configs()
-    cfg = compose_checked("train", ["experiment=smoke", f"data.cache_dir={cache}", "trainer.log_every=1",
-                                    "trainer.valid_max_sentences=8", "model.dropout=0.1", *overrides])
-    return OmegaConf.to_object(cfg)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> tuple[Path, PreparedData]:
-    cache = tmp_path_factory.mktemp("cache")
-    cfg = smoke_config(cache)
-    return cache, prepare_data(cfg.data, cfg.tokenizer)
 
 
 # ----------------------------------------------------------------------------- checkpoint files

@@ -7,27 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from conftest import smoke_config
 
-from seq2seq.cli import compose_checked
-from seq2seq.config import TeacherForcingSchedule, TrainConfig, register_configs
+from seq2seq.config import TeacherForcingSchedule
 from seq2seq.errors import ConfigError, TrainingError
-from seq2seq.prepare import PreparedData, prepare_data
 from seq2seq.trainer import Trainer, check_trainer_config, teacher_forcing_ratio
-
-
-def smoke_config(cache: Path, *overrides: str) -> TrainConfig:
-    register_configs()
-    cfg = compose_checked("train", ["experiment=smoke", f"data.cache_dir={cache}", "trainer.log_every=1",
-                                    "trainer.valid_max_sentences=8", "model.dropout=0.1", *overrides])
-    return OmegaConf.to_object(cfg)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> tuple[Path, PreparedData]:
-    cache = tmp_path_factory.mktemp("cache")
-    cfg = smoke_config(cache)
-    return cache, prepare_data(cfg.data, cfg.tokenizer)
 
 
 def record_losses(trainer: Trainer) -> list[float]:
