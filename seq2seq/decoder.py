@@ -104,9 +104,9 @@ class Decoder(nn.Module):
         w = self.rnn.weight_ih_l0
         return nn.functional.linear(emb, w[:, : self.embedding.embedding_dim], self.rnn.bias_ih_l0 + self.rnn.bias_hh_l0)
 
-    def _step_weights(self) -> StepWeights:
+    def step_weights(self) -> StepWeights:
         """The weights every step uses, wrapped once per pass (see ``steplinear``): each is cast
-        once and gets its gradient from one matmul over all steps."""
+        once and gets its gradient from one matmul over all steps. Search makes them once per batch."""
         rnn, size = self.rnn, self.embedding.embedding_dim
         additive = isinstance(self.attention, AdditiveAttention)
         return StepWeights(
@@ -174,15 +174,11 @@ class Decoder(nn.Module):
             feed = state.feed
         return out, context, DecoderState(h, c, feed), None if weights is None else weights.squeeze(1)
 
-    def step_weights(self) -> StepWeights:
-        """Wrap the step weights once for many ``step`` calls (search reuses them at every step)."""
-        return self._step_weights()
-
     def step(self, emb: torch.Tensor, state: DecoderState, memory: AttentionMemory,
              weights: StepWeights | None = None) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
         """One step. ``emb`` (B, E) is the embedded previous word; returns h~ (B, P), the new
         state and the attention weights (B, S) or None. ``weights``: from ``step_weights()``."""
-        weights = weights if weights is not None else self._step_weights()
+        weights = weights if weights is not None else self.step_weights()
         out, context, state, weights = self._step(self._embedding_gates(emb), state, memory, weights)
         if self.input_feeding:
             return state.feed, state, weights
@@ -214,7 +210,7 @@ class Decoder(nn.Module):
         # unbind, not [:, t]: one backward node for all steps instead of a full-size zero gradient per step
         gold_gates = self._embedding_gates(self.dropout(self.embedding(tgt_in))).unbind(1)  # T x (B, 4H)
         outs, contexts, feeds, attn, logits = [], [], [], [], []
-        weights_t = self._step_weights()
+        weights_t = self.step_weights()
         for t in range(steps):
             gates0 = gold_gates[t]
             if sampling and t > 0:
