@@ -87,11 +87,14 @@ class Decoder(nn.Module):
         feed = summary.new_zeros(b, self.output_size)
         return DecoderState(hidden, cell, feed)
 
-    def _attentional(self, rnn_out: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # h~ = tanh(W_c [h; c]), (B, T, P)
+    def _attentional(self, rnn_out: torch.Tensor, context: torch.Tensor, combine: SharedWeight | None = None
+                     ) -> torch.Tensor:
+        """h~ = tanh(W_c [h; c]), (B, T, P); ``combine``: W_c as the step loop shares it."""
+        joined = torch.cat([rnn_out, context], dim=-1)
+        pre = self.combine(joined) if combine is None else combine(joined) + self.combine.bias
         # Non-linearities run in float32 even under bf16 autocast: on CPU a bf16 tanh costs several
         # times a float32 one, and the matmul before it is where bf16 pays.
-        return torch.tanh(self.combine(torch.cat([rnn_out, context], dim=-1)).float())
+        return torch.tanh(pre.float())
 
     # -------------------------------------------------------------- the fused step
     # The step-by-step paths do not call nn.LSTM once per step (a full RNN call per time step costs
@@ -169,7 +172,7 @@ class Decoder(nn.Module):
             out = h[-1]
             context, weights = self._attend(out, memory, w)  # current state
         if self.input_feeding:
-            feed = torch.tanh((w.combine(torch.cat([out, context], dim=-1)) + self.combine.bias).float())
+            feed = self._attentional(out, context, w.combine)
         else:
             feed = state.feed
         return out, context, DecoderState(h, c, feed), None if weights is None else weights.squeeze(1)
@@ -179,11 +182,11 @@ class Decoder(nn.Module):
         """One step. ``emb`` (B, E) is the embedded previous word; returns h~ (B, P), the new
         state and the attention weights (B, S) or None. ``weights``: from ``step_weights()``."""
         weights = weights if weights is not None else self.step_weights()
-        out, context, state, weights = self._step(self._embedding_gates(emb), state, memory, weights)
+        out, context, state, attention = self._step(self._embedding_gates(emb), state, memory, weights)
         if self.input_feeding:
-            return state.feed, state, weights
+            return state.feed, state, attention
         h_tilde = self._attentional(out, context)
-        return h_tilde, state._replace(feed=h_tilde), weights
+        return h_tilde, state._replace(feed=h_tilde), attention
 
     def forward_parallel(self, tgt_in: torch.Tensor, state: DecoderState, memory: AttentionMemory) -> DecoderOutput:
         emb = self.dropout(self.embedding(tgt_in))  # (B, T, E)

@@ -89,11 +89,14 @@ def check_trainer_config(cfg: TrainConfig) -> None:
     t, o = cfg.trainer, cfg.optim
     check_search_config(cfg.search)
     positive = {"trainer.max_tokens": t.max_tokens, "trainer.max_sentences": t.max_sentences,
-                "trainer.valid_every": t.valid_every, "trainer.log_every": t.log_every}
+                "trainer.valid_every": t.valid_every, "trainer.log_every": t.log_every,
+                "trainer.keep_checkpoints": t.keep_checkpoints, "trainer.max_nonfinite_steps": t.max_nonfinite_steps,
+                "trainer.max_oom_steps": t.max_oom_steps}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be a positive integer (got {value})")
-    for key, value in (("trainer.max_steps", t.max_steps), ("trainer.max_epochs", t.max_epochs)):
+    for key, value in (("trainer.max_steps", t.max_steps), ("trainer.max_epochs", t.max_epochs),
+                       ("trainer.save_every", t.save_every)):
         if value is not None and value < 1:
             raise ConfigError(f"{key} must be a positive integer or null (got {value})")
     if t.max_steps is None and t.max_epochs is None:
@@ -125,14 +128,6 @@ def check_trainer_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"trainer.patience must be 0 (never stop early) or positive (got {t.patience})")
     if not 0.0 <= t.label_smoothing < 1.0:
         raise ConfigError(f"trainer.label_smoothing must be in [0, 1) (got {t.label_smoothing})")
-    for key, value in (("trainer.save_every", t.save_every),):
-        if value is not None and value < 1:
-            raise ConfigError(f"{key} must be a positive integer or null (got {value})")
-    for key, value in (("trainer.keep_checkpoints", t.keep_checkpoints),
-                       ("trainer.max_nonfinite_steps", t.max_nonfinite_steps),
-                       ("trainer.max_oom_steps", t.max_oom_steps)):
-        if value < 1:
-            raise ConfigError(f"{key} must be a positive integer (got {value})")
     if t.num_threads < 0:
         raise ConfigError(f"trainer.num_threads must be 0 (all cores) or positive (got {t.num_threads})")
 
