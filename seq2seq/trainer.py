@@ -33,7 +33,7 @@ from seq2seq.config import (
     as_plain_dict,
 )
 from seq2seq.errors import ConfigError, RunDirError, TrainingError
-from seq2seq.losses import cross_entropy
+from seq2seq.losses import cross_entropy, pad_rows
 from seq2seq.metrics import corpus_score
 from seq2seq.model import Seq2Seq, build_model, count_parameters
 from seq2seq.optim import build_optimizer, build_scheduler
@@ -263,7 +263,8 @@ class Trainer:
             out = self.model(batch, teacher_forcing=teacher_forcing)
             mask = batch.tgt_mask
             # Project only real target positions: padding never reaches the (large) output layer.
-            logits = out.logits[mask] if out.logits is not None else self.model.project(out.hidden[mask])
+            # pad_rows rounds their count up so the matmul shapes repeat (seq2seq/losses.py).
+            logits = out.logits[mask] if out.logits is not None else self.model.project(pad_rows(out.hidden[mask]))
         # Chunked cross-entropy: the (N, V) float32 temporaries of nn.CrossEntropyLoss were the
         # largest allocation of a step (seq2seq/losses.py).
         return cross_entropy(logits, batch.tgt_out[mask], self.cfg.trainer.label_smoothing)
@@ -310,8 +311,9 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 out = self.model(batch)
-                logits = self.model.project(out.hidden[batch.tgt_mask])
-            total_loss += float(loss_sum(logits.float(), batch.tgt_out[batch.tgt_mask]))
+                target = batch.tgt_out[batch.tgt_mask]
+                logits = self.model.project(pad_rows(out.hidden[batch.tgt_mask]))[: target.numel()]
+            total_loss += float(loss_sum(logits.float(), target))
             total_tokens += batch.num_tgt_tokens
         loss = total_loss / max(1, total_tokens)
         n = len(src_ids) if self.cfg.trainer.valid_max_sentences is None else min(

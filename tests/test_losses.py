@@ -43,3 +43,34 @@ def test_a_non_finite_logit_gives_a_non_finite_loss():
     logits = torch.zeros(4, 5)
     logits[2, 1] = float("nan")
     assert not torch.isfinite(cross_entropy(logits, torch.tensor([0, 1, 2, 3])))
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 13])
+def test_pad_rows_rounds_up_with_zero_rows(rows):
+    x = torch.randn(rows, 3)
+    padded = losses.pad_rows(x, 8)
+    assert padded.size(0) == -(-rows // 8) * 8
+    assert torch.equal(padded[:rows], x) and not padded[rows:].any()
+
+
+def test_padding_rows_are_left_out_of_the_loss_and_get_no_gradient(monkeypatch):
+    monkeypatch.setattr(losses, "CHUNK_ROWS", 4)
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(10, 6, generator=g, requires_grad=True)
+    weight = torch.randn(9, 6, generator=g)
+    target = torch.randint(0, 9, (10,), generator=g)
+    loss = cross_entropy(losses.pad_rows(hidden, 8) @ weight.t(), target)  # 16 rows of logits, 10 real
+    (grad,) = torch.autograd.grad(loss, hidden)
+    reference_hidden = hidden.detach().requires_grad_()
+    reference = torch.nn.functional.cross_entropy(reference_hidden @ weight.t(), target)
+    (expected,) = torch.autograd.grad(reference, reference_hidden)
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(grad, expected)
+    padded_logits = torch.randn(16, 9, requires_grad=True)
+    (padded_grad,) = torch.autograd.grad(cross_entropy(padded_logits, target), padded_logits)
+    assert not padded_grad[10:].any()
+
+
+def test_fewer_logit_rows_than_targets_is_refused():
+    with pytest.raises(ValueError, match="3 rows of logits for 4 targets"):
+        cross_entropy(torch.zeros(3, 5), torch.tensor([0, 1, 2, 3]))
