@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from seq2seq.attention import AdditiveAttention, Attention, AttentionMemory
+from seq2seq.dropout import Dropout, dropout
 from seq2seq.steplinear import SharedWeight
 
 
@@ -58,7 +59,7 @@ class Decoder(nn.Module):
         if context_before_rnn and input_feeding:
             raise ValueError("input feeding applies to attention computed after the LSTM step")
         self.embedding = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_id)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.attention = attention
         self.context_before_rnn = context_before_rnn
         self.input_feeding = input_feeding
@@ -142,7 +143,7 @@ class Decoder(nn.Module):
             return h.unsqueeze(0), c.unsqueeze(0)
         hs, cs = [h], [c]
         for layer in range(1, self.num_layers):
-            below = nn.functional.dropout(hs[-1], self.rnn.dropout, self.training)
+            below = dropout(hs[-1], self.rnn.dropout, self.training)
             gates = w.ih[layer - 1](below) + w.bias[layer - 1]
             h, c = self._cell(gates, state.hidden[layer], state.cell[layer], w.hh[layer])
             hs.append(h)

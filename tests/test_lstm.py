@@ -1,0 +1,75 @@
+"""The CPU bi-LSTM (seq2seq/lstm.py) computes what nn.LSTM over packed sequences computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from seq2seq.encoder import Encoder
+
+LENGTHS = [7, 3, 5, 1, 7, 2]
+
+
+def _encoder(layers: int, seed: int = 0) -> tuple[Encoder, torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    enc = Encoder(vocab_size=40, embedding_size=8, hidden_size=6, num_layers=layers, dropout=0.0, pad_id=0)
+    lengths = torch.tensor(LENGTHS)
+    mask = torch.arange(max(LENGTHS))[None] < lengths[:, None]
+    src = torch.randint(1, 40, mask.shape).masked_fill(~mask, 0)
+    return enc, src, lengths, mask
+
+
+def _reference(enc: Encoder, src: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """nn.LSTM over packed sequences: what the encoder runs on CUDA."""
+    packed = pack_padded_sequence(enc.embedding(src), lengths, batch_first=True, enforce_sorted=False)
+    out, (h, _) = enc.rnn(packed)
+    out, _ = pad_packed_sequence(out, batch_first=True, total_length=src.size(1))
+    return out, torch.cat([h[-2], h[-1]], dim=-1)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_outputs_summary_and_gradients_equal_packed_nn_lstm(layers):
+    enc, src, lengths, mask = _encoder(layers)
+    ours = enc(src, lengths, mask)
+    ref_out, ref_summary = _reference(enc, src, lengths)
+    torch.testing.assert_close(ours.outputs, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.summary, ref_summary, rtol=1e-5, atol=1e-6)
+    w_out, w_sum = torch.randn_like(ours.outputs), torch.randn_like(ours.summary)
+    params = list(enc.parameters())
+    grads = torch.autograd.grad((ours.outputs * w_out).sum() + (ours.summary * w_sum).sum(), params)
+    ref_out, ref_summary = _reference(enc, src, lengths)
+    expected = torch.autograd.grad((ref_out * w_out).sum() + (ref_summary * w_sum).sum(), params)
+    for (name, _), got, want in zip(enc.named_parameters(), grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_padding_outputs_are_zero_and_a_sentence_does_not_depend_on_its_batch():
+    enc, src, lengths, mask = _encoder(2)
+    batch = enc(src, lengths, mask)
+    assert not batch.outputs[~mask].any()
+    for i, n in enumerate(LENGTHS):
+        alone = enc(src[i: i + 1, :n], lengths[i: i + 1], mask[i: i + 1, :n])
+        torch.testing.assert_close(alone.outputs[0], batch.outputs[i, :n], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(alone.summary[0], batch.summary[i], rtol=1e-5, atol=1e-6)
+
+
+def test_no_grad_path_equals_the_training_path():
+    enc, src, lengths, mask = _encoder(1)
+    tracked = enc(src, lengths, mask)
+    with torch.no_grad():
+        plain = enc(src, lengths, mask)
+    assert torch.equal(tracked.outputs.detach(), plain.outputs)
+    assert torch.equal(tracked.summary.detach(), plain.summary)
+
+
+def test_bf16_autocast_stays_close_to_float32_and_returns_bf16_outputs():
+    enc, src, lengths, mask = _encoder(1)
+    full = enc(src, lengths, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = enc(src, lengths, mask)
+    assert half.outputs.dtype == torch.bfloat16
+    assert half.summary.dtype == torch.float32  # the cell state and non-linearities stay float32
+    torch.testing.assert_close(half.outputs.float(), full.outputs, rtol=0.05, atol=0.02)
+    (half.outputs.float().sum() + half.summary.sum()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in enc.rnn.parameters())
