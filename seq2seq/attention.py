@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from seq2seq import shapes
 from seq2seq.encoder import EncoderOutput
 
 
@@ -111,7 +112,8 @@ class AdditiveAttention(Attention):
     def prepare(self, enc: EncoderOutput) -> AttentionMemory:
         # Keys in float32 (cast once per batch): the per-step tanh over (B, S, A) is the costliest
         # element-wise work of a step, and on CPU it is several times slower in bf16.
-        return AttentionMemory(keys=self.key_proj(enc.outputs).float(), values=enc.outputs, mask=enc.mask)
+        keys = shapes.linear(enc.outputs, self.key_proj.weight).float()
+        return AttentionMemory(keys=keys, values=enc.outputs, mask=enc.mask)
 
     def forward(self, query: torch.Tensor, memory: AttentionMemory) -> AttentionResult:
         return self.attend_projected(self.query_proj(query), memory)
@@ -133,10 +135,12 @@ class MultiplicativeAttention(Attention):
         super().__init__(query_size, value_size)
         if not general and query_size != value_size:
             raise ValueError(f"dot attention needs equal query and value sizes ({query_size} != {value_size})")
+        self.general = general
         self.key_proj = nn.Linear(value_size, query_size, bias=False) if general else nn.Identity()
 
     def prepare(self, enc: EncoderOutput) -> AttentionMemory:
-        return AttentionMemory(keys=self.key_proj(enc.outputs), values=enc.outputs, mask=enc.mask)
+        keys = shapes.linear(enc.outputs, self.key_proj.weight) if self.general else enc.outputs
+        return AttentionMemory(keys=keys, values=enc.outputs, mask=enc.mask)
 
     def forward(self, query: torch.Tensor, memory: AttentionMemory) -> AttentionResult:
         scores = torch.bmm(query, memory.keys.transpose(1, 2))  # (B, T, S)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from seq2seq.attention import AdditiveAttention, Attention, AttentionMemory
+from seq2seq import shapes
 from seq2seq.dropout import Dropout, dropout
 from seq2seq.steplinear import SharedWeight
 
@@ -92,7 +93,8 @@ class Decoder(nn.Module):
                      ) -> torch.Tensor:
         """h~ = tanh(W_c [h; c]), (B, T, P); ``combine``: W_c as the step loop shares it."""
         joined = torch.cat([rnn_out, context], dim=-1)
-        pre = self.combine(joined) if combine is None else combine(joined) + self.combine.bias
+        pre = (shapes.linear(joined, self.combine.weight, self.combine.bias) if combine is None
+               else combine(joined) + self.combine.bias)
         # Non-linearities run in float32 even under bf16 autocast: on CPU a bf16 tanh costs several
         # times a float32 one, and the matmul before it is where bf16 pays.
         return torch.tanh(pre.float())
@@ -106,7 +108,7 @@ class Decoder(nn.Module):
     def _embedding_gates(self, emb: torch.Tensor) -> torch.Tensor:
         """Layer 0's gate pre-activations from the word embeddings (..., E) -> (..., 4H), biases included."""
         w = self.rnn.weight_ih_l0
-        return nn.functional.linear(emb, w[:, : self.embedding.embedding_dim], self.rnn.bias_ih_l0 + self.rnn.bias_hh_l0)
+        return shapes.linear(emb, w[:, : self.embedding.embedding_dim], self.rnn.bias_ih_l0 + self.rnn.bias_hh_l0)
 
     def step_weights(self) -> StepWeights:
         """The weights every step uses, wrapped once per pass (see ``steplinear``): each is cast

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from seq2seq.allocator import keep_freed_memory
 from seq2seq.checkpoint import load_checkpoint, tensor_to_bytes
 from seq2seq.cleaning import normalize
 from seq2seq.config import Device, EvalConfig, SearchConfig, TrainConfig, from_plain_dict
@@ -51,7 +50,6 @@ def find_checkpoint(run_dir: Path, which: str = "best") -> Path:
 
 def load_model(path: Path, device: Device = Device.auto) -> LoadedModel:
     """Rebuild the model and tokenizer from a checkpoint file alone."""
-    keep_freed_memory()  # decoding reuses its buffers too (seq2seq/allocator.py)
     payload = load_checkpoint(path)
     try:
         cfg = from_plain_dict(payload["config"])

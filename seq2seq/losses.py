@@ -8,11 +8,8 @@ log-sum-exp per row, and works through the rows in chunks, so the float32 tempor
 (chunk, V); its gradient is written straight into one tensor of the logits' dtype. Same loss,
 same gradient (label smoothing included), about a quarter of the memory.
 
-The logits may have more rows than there are targets (``pad_rows``): the extra rows are padding,
-left out of the loss and given a zero gradient. The output layer's row count then takes a few
-values instead of a new one for every batch, which matters on CPU: oneDNN builds (and caches) a
-new bf16 matmul kernel for each new shape, about 13 ms each on this machine, three per update for
-the output layer alone (forward, and both products of its backward).
+The logits may have more rows than there are targets (``seq2seq.shapes.pad_rows``): the extra
+rows are padding, left out of the loss and given a zero gradient.
 """
 
 from __future__ import annotations
@@ -22,13 +19,6 @@ import torch
 # A float32 chunk of 256 x 8k logits is 8 MB: small enough for malloc to reuse freed heap memory
 # (chunks over 32 MB are always fresh mmaps, and touching fresh pages cost more than the math here).
 CHUNK_ROWS = 256
-ROW_MULTIPLE = 128  # output-layer rows are padded to a multiple of this
-
-
-def pad_rows(x: torch.Tensor, multiple: int = ROW_MULTIPLE) -> torch.Tensor:
-    """``x`` (N, D) with zero rows appended up to a multiple of ``multiple`` rows."""
-    extra = -x.size(0) % multiple
-    return torch.nn.functional.pad(x, (0, 0, 0, extra)) if extra else x
 
 
 class _CrossEntropy(torch.autograd.Function):

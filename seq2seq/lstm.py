@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from seq2seq import shapes
+
 
 def _compute_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
@@ -107,8 +109,12 @@ class _Recurrence(torch.autograd.Function):
             dh = torch.addcmul(torch.bmm(d.to(w.dtype), w).float(), dh, p)
             dc = torch.addcmul(dc_new * f, dc, p)
         # The recurrent weight's gradient from all steps at once: (2, 4H, S*B) @ (2, S*B, H).
-        g_all = grad_pre.to(w.dtype).permute(1, 3, 0, 2).reshape(2, four, steps * batch)
-        h_all = h_prev.permute(1, 0, 2, 3).reshape(2, steps * batch, size)
+        # (rows padded with zeros to a repeating count: seq2seq/shapes.py)
+        rows = shapes.padded_size(steps * batch)
+        g_all = grad_pre.new_zeros(2, four, rows, dtype=w.dtype)
+        g_all[:, :, : steps * batch] = grad_pre.permute(1, 3, 0, 2).reshape(2, four, steps * batch)
+        h_all = h_prev.new_zeros(2, rows, size)
+        h_all[:, : steps * batch] = h_prev.permute(1, 0, 2, 3).reshape(2, steps * batch, size)
         grad_w = torch.bmm(g_all, h_all).to(ctx.weight_dtype)
         return grad_pre, grad_w, None, None
 
@@ -123,7 +129,7 @@ def bidirectional_layer(x: torch.Tensor, mask: torch.Tensor, w_ih: torch.Tensor,
     """
     batch, steps = mask.shape
     four = w_hh.size(1)
-    gates = torch.nn.functional.linear(x, w_ih, bias).float()  # (B, S, 8H), all steps at once
+    gates = shapes.linear(x, w_ih, bias).float()  # (B, S, 8H), all steps at once
     gates = gates.view(batch, steps, 2, four).permute(1, 2, 0, 3)  # (S, 2, B, 4H)
     gates_in = torch.stack([gates[:, 0], gates[:, 1].flip(0)], dim=1)  # backward direction reversed
     valid = torch.stack([mask.t(), mask.t().flip(0)], dim=1).unsqueeze(-1).float()  # (S, 2, B, 1)

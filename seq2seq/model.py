@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from seq2seq import shapes
 from seq2seq.attention import (
     AdditiveAttention,
     Attention,
@@ -63,7 +64,8 @@ class Seq2Seq(nn.Module):
         ``weights`` from ``step_weights()`` saves re-preparing them at every step."""
         emb = self.decoder.embedding(prev_tokens)  # (B, E)
         h_tilde, state, weights = self.decoder.step(emb, state, memory, weights)
-        return StepOutput(logits=self.output_layer(h_tilde), state=state, attention=weights)
+        logits = shapes.linear(h_tilde, self.output_layer.weight, self.output_layer.bias)
+        return StepOutput(logits=logits, state=state, attention=weights)
 
     def forward(self, batch: Batch, teacher_forcing: float = 1.0, force_steps: bool = False) -> DecoderOutput:
         """Teacher-forced pass. Returns attentional states; ``project`` turns them into logits.

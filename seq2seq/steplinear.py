@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from seq2seq.shapes import pad_rows
+
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     device = weight.device.type
@@ -67,8 +69,9 @@ class _CastOnce(torch.autograd.Function):
         steps = sorted(tape.grads)
         if not steps:
             return None, None, None
-        x = torch.cat([tape.inputs[i] for i in steps])  # (T*B, in)
-        g = torch.cat([tape.grads[i] for i in steps])  # (T*B, out)
+        # (T*B, in) and (T*B, out), rows padded with zeros so the shapes repeat (seq2seq/shapes.py)
+        x = pad_rows(torch.cat([tape.inputs[i] for i in steps]))
+        g = pad_rows(torch.cat([tape.grads[i] for i in steps]))
         tape.inputs.clear()
         tape.grads.clear()
         return g.t().mm(x).to(ctx.weight_dtype), None, None

@@ -33,14 +33,14 @@ from seq2seq.config import (
     as_plain_dict,
 )
 from seq2seq.errors import ConfigError, RunDirError, TrainingError
-from seq2seq.allocator import keep_freed_memory
-from seq2seq.losses import cross_entropy, pad_rows
+from seq2seq.losses import cross_entropy
 from seq2seq.metrics import corpus_score
 from seq2seq.model import Seq2Seq, build_model, count_parameters
 from seq2seq.optim import build_optimizer, build_scheduler
 from seq2seq.prepare import PreparedData
 from seq2seq.rng import rng_state, seed_everything, set_rng_state
 from seq2seq.search import check_search_config, translate_ids
+from seq2seq.shapes import pad_rows
 from seq2seq.tokenizer import PAD_ID
 from seq2seq.tracking import Tracker
 
@@ -173,7 +173,6 @@ class StepResult:
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: PreparedData, run_dir: Path) -> None:
         check_trainer_config(cfg)
-        keep_freed_memory()  # fewer page faults per step (seq2seq/allocator.py)
         self.cfg = cfg
         self.data = data
         self.run_dir = run_dir
@@ -265,7 +264,7 @@ class Trainer:
             out = self.model(batch, teacher_forcing=teacher_forcing)
             mask = batch.tgt_mask
             # Project only real target positions: padding never reaches the (large) output layer.
-            # pad_rows rounds their count up so the matmul shapes repeat (seq2seq/losses.py).
+            # pad_rows rounds their count up so the matmul shapes repeat (seq2seq/shapes.py).
             logits = out.logits[mask] if out.logits is not None else self.model.project(pad_rows(out.hidden[mask]))
         # Chunked cross-entropy: the (N, V) float32 temporaries of nn.CrossEntropyLoss were the
         # largest allocation of a step (seq2seq/losses.py).

@@ -7,6 +7,7 @@ import torch
 
 from seq2seq import losses
 from seq2seq.losses import cross_entropy
+from seq2seq.shapes import pad_rows
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -48,7 +49,7 @@ def test_a_non_finite_logit_gives_a_non_finite_loss():
 @pytest.mark.parametrize("rows", [1, 7, 8, 13])
 def test_pad_rows_rounds_up_with_zero_rows(rows):
     x = torch.randn(rows, 3)
-    padded = losses.pad_rows(x, 8)
+    padded = pad_rows(x, 8)
     assert padded.size(0) == -(-rows // 8) * 8
     assert torch.equal(padded[:rows], x) and not padded[rows:].any()
 
@@ -59,7 +60,7 @@ def test_padding_rows_are_left_out_of_the_loss_and_get_no_gradient(monkeypatch):
     hidden = torch.randn(10, 6, generator=g, requires_grad=True)
     weight = torch.randn(9, 6, generator=g)
     target = torch.randint(0, 9, (10,), generator=g)
-    loss = cross_entropy(losses.pad_rows(hidden, 8) @ weight.t(), target)  # 16 rows of logits, 10 real
+    loss = cross_entropy(pad_rows(hidden, 8) @ weight.t(), target)  # 16 rows of logits, 10 real
     (grad,) = torch.autograd.grad(loss, hidden)
     reference_hidden = hidden.detach().requires_grad_()
     reference = torch.nn.functional.cross_entropy(reference_hidden @ weight.t(), target)
@@ -74,3 +75,13 @@ def test_padding_rows_are_left_out_of_the_loss_and_get_no_gradient(monkeypatch):
 def test_fewer_logit_rows_than_targets_is_refused():
     with pytest.raises(ValueError, match="3 rows of logits for 4 targets"):
         cross_entropy(torch.zeros(3, 5), torch.tensor([0, 1, 2, 3]))
+
+
+def test_padded_linear_equals_linear_for_any_row_count():
+    from seq2seq import shapes
+
+    g = torch.Generator().manual_seed(5)
+    weight, bias = torch.randn(7, 5, generator=g), torch.randn(7, generator=g)
+    for lead in [(1,), (3, 4), (2, 70), (129,)]:
+        x = torch.randn(*lead, 5, generator=g)
+        torch.testing.assert_close(shapes.linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
