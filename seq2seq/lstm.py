@@ -43,13 +43,16 @@ def _run(gates_in: torch.Tensor, w_hh_t: torch.Tensor, valid: torch.Tensor, save
     acts = gates_in.new_empty(steps, 2, batch, four) if save else None
     cells = gates_in.new_empty(steps + 1, 2, batch, size) if save else None  # c after each step (masked)
     tanh_c = gates_in.new_empty(steps, 2, batch, size) if save else None
-    h_prev = gates_in.new_empty(steps, 2, batch, size, dtype=w_hh_t.dtype) if save else None
+    # h before each step, direction-major with the (step, batch) rows padded (see backward)
+    h_rows = gates_in.new_empty(2, shapes.padded_size(steps * batch), size, dtype=w_hh_t.dtype) if save else None
     if save:
         cells[0] = 0
+        h_rows[:, steps * batch:] = 0
+        h_prev = h_rows[:, : steps * batch].view(2, steps, batch, size)
     for t in range(steps):
         hm = h.to(w_hh_t.dtype)
         if save:
-            h_prev[t] = hm
+            h_prev[:, t] = hm
         pre = gates_in[t] + torch.bmm(hm, w_hh_t)  # (2, B, 4H), float32
         a = torch.sigmoid(pre, out=acts[t]) if save else torch.sigmoid(pre)
         torch.tanh(pre[..., 2 * size: 3 * size], out=a[..., 2 * size: 3 * size])
@@ -62,7 +65,7 @@ def _run(gates_in: torch.Tensor, w_hh_t: torch.Tensor, valid: torch.Tensor, save
         c = torch.lerp(c, c_new, v, out=cells[t + 1]) if save else torch.lerp(c, c_new, v)
         h = torch.lerp(h, h_new, v)
         torch.mul(h_new, v, out=out[t])
-    saved = (acts, cells, tanh_c, h_prev) if save else None
+    saved = (acts, cells, tanh_c, h_rows) if save else None
     return out, h, saved
 
 
@@ -79,12 +82,16 @@ class _Recurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor, grad_h_last: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, None, None]:
-        w, valid, acts, cells, tanh_c, h_prev = ctx.saved_tensors
+        w, valid, acts, cells, tanh_c, h_rows = ctx.saved_tensors
         steps, _, batch, four = acts.shape
         size = four // 4
         keep = valid  # 1 where the step updates the state
         hold = 1.0 - keep  # 1 where the state passes through unchanged
-        grad_pre = torch.empty_like(acts)
+        # Gate gradients direction-major, (2, rows, 4H) with the S*B rows padded like h_rows, so
+        # the weight gradient below is one bmm with no transposing copy.
+        grad_rows = acts.new_empty(2, h_rows.size(1), four)
+        grad_rows[:, steps * batch:] = 0
+        grad_pre = grad_rows[:, : steps * batch].view(2, steps, batch, four)
         dh = grad_h_last.float() if grad_h_last is not None else acts.new_zeros(2, batch, size)
         dc = acts.new_zeros(2, batch, size)
         if grad_out is None:
@@ -96,7 +103,7 @@ class _Recurrence(torch.autograd.Function):
             dh_new = (dh + grad_out[t]) * k
             tc = tanh_c[t]
             dc_new = torch.addcmul(dc * k, dh_new * o, 1.0 - tc * tc)
-            d = grad_pre[t]
+            d = grad_pre[:, t]
             di, df, dg, do = d.chunk(4, dim=-1)
             torch.mul(dc_new, g, out=di)
             torch.mul(dc_new, cells[t], out=df)
@@ -108,15 +115,9 @@ class _Recurrence(torch.autograd.Function):
             d.mul_(deriv)
             dh = torch.addcmul(torch.bmm(d.to(w.dtype), w).float(), dh, p)
             dc = torch.addcmul(dc_new * f, dc, p)
-        # The recurrent weight's gradient from all steps at once: (2, 4H, S*B) @ (2, S*B, H).
-        # (rows padded with zeros to a repeating count: seq2seq/shapes.py)
-        rows = shapes.padded_size(steps * batch)
-        g_all = grad_pre.new_zeros(2, four, rows, dtype=w.dtype)
-        g_all[:, :, : steps * batch] = grad_pre.permute(1, 3, 0, 2).reshape(2, four, steps * batch)
-        h_all = h_prev.new_zeros(2, rows, size)
-        h_all[:, : steps * batch] = h_prev.permute(1, 0, 2, 3).reshape(2, steps * batch, size)
-        grad_w = torch.bmm(g_all, h_all).to(ctx.weight_dtype)
-        return grad_pre, grad_w, None, None
+        # The recurrent weight's gradient from all steps at once: (2, 4H, rows) @ (2, rows, H).
+        grad_w = torch.bmm(grad_rows.to(w.dtype).transpose(1, 2), h_rows).to(ctx.weight_dtype)
+        return grad_pre.transpose(0, 1), grad_w, None, None
 
 
 def bidirectional_layer(x: torch.Tensor, mask: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor,

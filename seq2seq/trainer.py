@@ -33,7 +33,7 @@ from seq2seq.config import (
     as_plain_dict,
 )
 from seq2seq.errors import ConfigError, RunDirError, TrainingError
-from seq2seq.losses import cross_entropy
+from seq2seq.losses import cross_entropy, output_cross_entropy
 from seq2seq.metrics import corpus_score
 from seq2seq.model import Seq2Seq, build_model, count_parameters
 from seq2seq.optim import build_optimizer, build_scheduler
@@ -263,12 +263,14 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             out = self.model(batch, teacher_forcing=teacher_forcing)
             mask = batch.tgt_mask
-            # Project only real target positions: padding never reaches the (large) output layer.
-            # pad_rows rounds their count up so the matmul shapes repeat (seq2seq/shapes.py).
-            logits = out.logits[mask] if out.logits is not None else self.model.project(pad_rows(out.hidden[mask]))
-        # Chunked cross-entropy: the (N, V) float32 temporaries of nn.CrossEntropyLoss were the
-        # largest allocation of a step (seq2seq/losses.py).
-        return cross_entropy(logits, batch.tgt_out[mask], self.cfg.trainer.label_smoothing)
+            target, smoothing = batch.tgt_out[mask], self.cfg.trainer.label_smoothing
+            if out.logits is not None:  # scheduled sampling computed them already
+                return cross_entropy(out.logits[mask], target, smoothing)
+            # Only real target positions reach the (large) output layer, with their count rounded
+            # up so the matmul shapes repeat (seq2seq/shapes.py); the output layer and the loss go
+            # in row chunks, with none of nn.CrossEntropyLoss's (N, V) float32 temporaries.
+            layer = self.model.output_layer
+            return output_cross_entropy(pad_rows(out.hidden[mask]), layer.weight, layer.bias, target, smoothing)
 
     def train_step(self, batch: Batch) -> StepResult:
         """One update, or a skipped one when the loss/gradient is not finite or the batch runs out of memory."""

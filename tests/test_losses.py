@@ -85,3 +85,38 @@ def test_padded_linear_equals_linear_for_any_row_count():
     for lead in [(1,), (3, 4), (2, 70), (129,)]:
         x = torch.randn(*lead, 5, generator=g)
         torch.testing.assert_close(shapes.linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows,real", [(16, 16), (16, 11), (24, 17)])
+def test_output_cross_entropy_equals_linear_then_cross_entropy(smoothing, bias, rows, real, monkeypatch):
+    monkeypatch.setattr(losses, "CHUNK_ROWS", 8)  # several chunks; the last one takes the padding rows
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(rows, 5, generator=g, requires_grad=True)
+    weight = torch.randn(9, 5, generator=g, requires_grad=True)
+    b = torch.randn(9, generator=g, requires_grad=True) if bias else None
+    target = torch.randint(0, 9, (real,), generator=g)
+    ours = losses.output_cross_entropy(hidden, weight, b, target, smoothing)
+    inputs = [hidden, weight] + ([b] if bias else [])
+    grads = torch.autograd.grad(ours * 1.5, inputs)
+    reference = torch.nn.functional.cross_entropy(
+        torch.nn.functional.linear(hidden[:real], weight, b), target, label_smoothing=smoothing)
+    expected = torch.autograd.grad(reference * 1.5, inputs)
+    torch.testing.assert_close(ours, reference)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not grads[0][real:].any()  # padding rows get no gradient
+
+
+def test_output_cross_entropy_under_bf16_autocast_is_close_to_float32():
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(40, 16, generator=g, requires_grad=True)
+    layer = torch.nn.Linear(16, 30)
+    target = torch.randint(0, 30, (40,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = losses.output_cross_entropy(hidden, layer.weight, layer.bias, target)
+    half.backward()
+    reference = torch.nn.functional.cross_entropy(layer(hidden), target)
+    torch.testing.assert_close(half, reference, rtol=0.02, atol=0.02)
+    assert layer.weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
