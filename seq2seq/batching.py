@@ -46,9 +46,14 @@ def _pad(seqs: Sequence[Sequence[int]], prefix: list[int], suffix: list[int]) ->
 
 
 def collate(src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]] | None,
-            indices: Sequence[int]) -> Batch:
-    """Pad a list of examples into a ``Batch``. ``tgt_ids`` may be None when only translating."""
+            indices: Sequence[int], src_multiple: int = 1) -> Batch:
+    """Pad a list of examples into a ``Batch``. ``tgt_ids`` may be None when only translating.
+    ``src_multiple``: pad the source width up to a multiple of it (search uses this so that the
+    attention matmuls meet a few widths, not one per batch: seq2seq/shapes.py)."""
     src, src_len = _pad(src_ids, [], [EOS_ID])
+    extra = -src.size(1) % src_multiple
+    if extra:
+        src = torch.nn.functional.pad(src, (0, extra), value=PAD_ID)
     if tgt_ids is None:
         tgt_ids = [[] for _ in src_ids]
     tgt_in, _ = _pad(tgt_ids, [BOS_ID], [])

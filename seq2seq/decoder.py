@@ -44,6 +44,8 @@ class StepWeights(NamedTuple):
     bias: list[torch.Tensor]  # layers 1..: both biases summed
     query: SharedWeight | None  # additive attention's query projection
     combine: SharedWeight | None  # W_c, when h~ is fed back
+    word: SharedWeight  # layer 0's word-embedding columns of weight_ih_l0 (one step at a time)
+    word_bias: torch.Tensor  # layer 0's two biases summed
 
 
 class DecoderOutput(NamedTuple):
@@ -92,7 +94,9 @@ class Decoder(nn.Module):
     def _attentional(self, rnn_out: torch.Tensor, context: torch.Tensor, combine: SharedWeight | None = None
                      ) -> torch.Tensor:
         """h~ = tanh(W_c [h; c]), (B, T, P); ``combine``: W_c as the step loop shares it."""
-        joined = torch.cat([rnn_out, context], dim=-1)
+        # one dtype before the cat (the matmul would cast to the context's dtype anyway), so the
+        # cat is a plain copy, not a type-promoting one
+        joined = torch.cat([rnn_out.to(context.dtype), context], dim=-1)
         pre = (shapes.linear(joined, self.combine.weight, self.combine.bias) if combine is None
                else combine(joined) + self.combine.bias)
         # Non-linearities run in float32 even under bf16 autocast: on CPU a bf16 tanh costs several
@@ -122,6 +126,8 @@ class Decoder(nn.Module):
             bias=[getattr(rnn, f"bias_ih_l{k}") + getattr(rnn, f"bias_hh_l{k}") for k in range(1, self.num_layers)],
             query=SharedWeight(self.attention.query_proj.weight) if additive else None,
             combine=SharedWeight(self.combine.weight) if self.input_feeding else None,
+            word=SharedWeight(rnn.weight_ih_l0[:, :size]),
+            word_bias=rnn.bias_ih_l0 + rnn.bias_hh_l0,
         )
 
     def _cell(self, gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor, hh: SharedWeight
@@ -185,7 +191,8 @@ class Decoder(nn.Module):
         """One step. ``emb`` (B, E) is the embedded previous word; returns h~ (B, P), the new
         state and the attention weights (B, S) or None. ``weights``: from ``step_weights()``."""
         weights = weights if weights is not None else self.step_weights()
-        out, context, state, attention = self._step(self._embedding_gates(emb), state, memory, weights)
+        gates0 = weights.word(emb) + weights.word_bias  # the cast word weights, shared by every step
+        out, context, state, attention = self._step(gates0, state, memory, weights)
         if self.input_feeding:
             return state.feed, state, attention
         h_tilde = self._attentional(out, context)

@@ -36,7 +36,7 @@ class EncodedSource(NamedTuple):
 
 
 class StepOutput(NamedTuple):
-    logits: torch.Tensor  # (B, V)
+    logits: torch.Tensor  # (B, V) float32
     state: DecoderState
     attention: torch.Tensor | None  # (B, S)
 
@@ -64,7 +64,9 @@ class Seq2Seq(nn.Module):
         ``weights`` from ``step_weights()`` saves re-preparing them at every step."""
         emb = self.decoder.embedding(prev_tokens)  # (B, E)
         h_tilde, state, weights = self.decoder.step(emb, state, memory, weights)
-        logits = shapes.linear(h_tilde, self.output_layer.weight, self.output_layer.bias)
+        # float32 logits, the bias added in float32 (a bf16 addmm would first copy the bias
+        # into every row of its output)
+        logits = shapes.linear(h_tilde, self.output_layer.weight).float().add_(self.output_layer.bias)
         return StepOutput(logits=logits, state=state, attention=weights)
 
     def forward(self, batch: Batch, teacher_forcing: float = 1.0, force_steps: bool = False) -> DecoderOutput:

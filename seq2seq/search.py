@@ -60,10 +60,27 @@ def token_masks(vocab_size: int, device: torch.device) -> tuple[torch.Tensor, to
     return eos_only, never
 
 
-def _compact_now(done: int, active: int) -> bool:
-    """Drop finished rows once a quarter of the decoded rows are finished: the index_select of the
-    state and memory then costs less than the output layer and attention spent on dead rows."""
-    return done > 0 and 4 * done >= active
+SOURCE_MULTIPLE = 8  # source width of a search batch rounded up to this (fewer matmul shapes)
+ROW_MULTIPLE = 8  # decoded sentences are compacted to a multiple of this many
+
+
+def _compact_to(done: int, active: int) -> int:
+    """How many of ``active`` decoded sentences to keep once ``done`` of them are finished:
+    ``active`` (no compaction) until a quarter are finished, when the index_select of the state
+    and memory costs less than the output layer and attention spent on finished rows. The count
+    is rounded up to a multiple of ROW_MULTIPLE (finished sentences ride along), so that the
+    per-step matmuls meet a few batch sizes rather than a new one at every compaction: on the
+    CPU each new bf16 shape costs a oneDNN kernel build (seq2seq/shapes.py)."""
+    if done == 0 or 4 * done < active:
+        return active
+    return min(active, -(-(active - done) // ROW_MULTIPLE) * ROW_MULTIPLE)
+
+
+def _kept_rows(finished: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of ``count`` rows: every unfinished one first, then finished ones to fill up,
+    in their original order."""
+    order = torch.argsort(finished.to(torch.uint8), stable=True)  # unfinished (0) first
+    return order[:count].sort().values
 
 
 @torch.no_grad()
@@ -106,8 +123,9 @@ def greedy_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 51
         done = int(finished.sum())
         if done == rows.numel():
             break
-        if _compact_now(done, rows.numel()):
-            keep = (~finished).nonzero().squeeze(1)
+        count = _compact_to(done, rows.numel())
+        if count < rows.numel():
+            keep = _kept_rows(finished, count)
             rows, limit, prev, finished = rows[keep], limit[keep], prev[keep], finished[keep]
             state, memory = state.select(keep), memory.select(keep)
     all_tokens = tokens.tolist()
@@ -198,11 +216,12 @@ def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512)
         scores = alive_scores
         reorder = (torch.arange(n, device=device).unsqueeze(1) * k + beam).view(-1)
         prev = tok.view(-1)
-        if _compact_now(n_done, n):  # store the finished sentences' results, decode only the rest
+        count = _compact_to(n_done, n)
+        if count < n:  # store the finished sentences' results, decode only the rest
             gone = done.nonzero().squeeze(1)
             out_scores[sent[gone]], out_tokens[sent[gone]], out_len[sent[gone]] = (
                 fin_scores[gone], fin_tokens[gone], fin_len[gone])
-            keep = (~done).nonzero().squeeze(1)
+            keep = _kept_rows(done, count)
             sent, limits, done = sent[keep], limits[keep], done[keep]
             scores, history, fin_scores, fin_tokens, fin_len = (
                 scores[keep], history[keep], fin_scores[keep], fin_tokens[keep], fin_len[keep])
@@ -248,7 +267,7 @@ def translate_ids(model: Seq2Seq, src_ids: Sequence[Sequence[int]], cfg: SearchC
     results: list[Hypothesis | None] = [None] * len(src_ids)
     for start in range(0, len(order), cfg.batch_size):
         chunk = order[start : start + cfg.batch_size]
-        batch = collate([src_ids[i] for i in chunk], None, chunk).to(device)
+        batch = collate([src_ids[i] for i in chunk], None, chunk, src_multiple=SOURCE_MULTIPLE).to(device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             hyps = decode(model, batch, cfg, cap, keep_attention)
         for i, hyp in zip(chunk, hyps):

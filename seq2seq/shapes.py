@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 ROW_MULTIPLE = 128
-SMALL_MULTIPLE = 16  # for at most ROW_MULTIPLE rows (a decoding step's batch): less waste
+SMALL_MULTIPLE = 8  # for at most ROW_MULTIPLE rows (a decoding step's batch): less waste
 
 
 def padded_size(n: int, multiple: int = ROW_MULTIPLE) -> int:

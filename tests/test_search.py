@@ -227,3 +227,19 @@ def test_search_label():
     assert search_label(SearchConfig()) == "greedy"
     assert search_label(SearchConfig(beam_size=5)) == "beam5"
     assert search_label(SearchConfig(beam_size=5, length_penalty=0.6)) == "beam5-lp0.6"
+
+
+def test_compaction_keeps_a_multiple_of_eight_rows_with_every_unfinished_one():
+    import torch
+
+    from seq2seq.search import _compact_to, _kept_rows
+
+    assert _compact_to(0, 64) == 64  # nothing finished
+    assert _compact_to(10, 64) == 64  # under a quarter finished
+    assert _compact_to(16, 64) == 48
+    assert _compact_to(21, 64) == 48  # 43 unfinished, rounded up to 48
+    assert _compact_to(39, 40) == 8
+    finished = torch.tensor([True, False, True, True, False, False, True, True, True, True])
+    kept = _kept_rows(finished, 5)
+    assert kept.tolist() == sorted(kept.tolist()) and len(kept) == 5
+    assert set((~finished).nonzero().squeeze(1).tolist()) <= set(kept.tolist())
