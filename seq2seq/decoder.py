@@ -19,8 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from seq2seq.attention import AdditiveAttention, Attention, AttentionMemory
 from seq2seq import shapes
+from seq2seq.attention import AdditiveAttention, Attention, AttentionMemory
 from seq2seq.dropout import Dropout, dropout
 from seq2seq.steplinear import SharedWeight
 
