@@ -51,13 +51,18 @@ def length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:
     return ((5.0 + length.float()) / 6.0) ** alpha
 
 
-def token_masks(vocab_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Additive (V,) masks: ``eos_only`` allows only EOS; ``never`` bans PAD and BOS, which are
-    never outputs (an undertrained model may still rank them high)."""
-    ids = torch.arange(vocab_size, device=device)
-    eos_only = torch.where(ids == EOS_ID, 0.0, float("-inf"))
-    never = torch.where((ids == PAD_ID) | (ids == BOS_ID), float("-inf"), 0.0)
-    return eos_only, never
+def step_log_probs(logits: torch.Tensor, at_cap: torch.Tensor | None) -> torch.Tensor:
+    """Log-probabilities (rows, V) of one step with PAD and BOS banned (never outputs, though an
+    undertrained model may rank them high) and, in the ``at_cap`` rows (a bool mask, or None when
+    no row is at its length cap), everything but EOS banned, so those sentences end."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    # two columns written in place, not an added (V,) mask: a full pass over (rows, V) less
+    logp.index_fill_(1, torch.tensor([PAD_ID, BOS_ID], device=logp.device), float("-inf"))
+    if at_cap is not None:
+        eos = logp[at_cap, EOS_ID]
+        logp[at_cap] = float("-inf")
+        logp[at_cap, EOS_ID] = eos
+    return logp
 
 
 SOURCE_MULTIPLE = 8  # source width of a search batch rounded up to this (fewer matmul shapes)
@@ -101,15 +106,10 @@ def greedy_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 51
     score = torch.zeros(b, device=device)
     tokens = torch.full((b, steps), EOS_ID, dtype=torch.long, device=device)
     attn = batch.src.new_zeros((b, steps, batch.src.size(1)), dtype=torch.float) if keep_attention else None
-    eos_only = None
+    first_cap = int(limit.min())  # known on the host: no per-step check until a row reaches it
     for t in range(steps):
         out = model.decode_step(prev, state, memory, step_weights)
-        logp = torch.log_softmax(out.logits.float(), dim=-1)
-        if eos_only is None:
-            eos_only, never = token_masks(logp.size(1), device)
-        logp = logp + never
-        at_cap = (t + 1) >= limit
-        logp[at_cap] = logp[at_cap] + eos_only  # a sentence at its cap is forced to end
+        logp = step_log_probs(out.logits, (t + 1) >= limit if t + 1 >= first_cap else None)
         step_score, prev = logp.max(dim=-1)
         score.index_add_(0, rows, torch.where(finished, 0.0, step_score))
         newly = (prev == EOS_ID) & ~finished
@@ -127,6 +127,7 @@ def greedy_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 51
         if count < rows.numel():
             keep = _kept_rows(finished, count)
             rows, limit, prev, finished = rows[keep], limit[keep], prev[keep], finished[keep]
+            first_cap = int(limit.min())
             state, memory = state.select(keep), memory.select(keep)
     all_tokens = tokens.tolist()
     src_len = batch.src_lengths.tolist()
@@ -164,19 +165,15 @@ def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512)
     fin_len = torch.zeros((b, k), dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     prev = torch.full((b * k,), BOS_ID, dtype=torch.long, device=device)
-    eos_only = None
+    first_cap = int(limits.min())  # known on the host: no per-step check until a sentence reaches it
 
     for t in range(steps):
         n = sent.numel()
         out = model.decode_step(prev, state, memory, step_weights)
-        logp = torch.log_softmax(out.logits.float(), dim=-1)  # (N*K, V)
+        at_cap = ((t + 1) >= limits).repeat_interleave(k) if t + 1 >= first_cap else None
+        logp = step_log_probs(out.logits, at_cap)  # (N*K, V)
         v = logp.size(-1)
-        if eos_only is None:
-            eos_only, never = token_masks(v, device)
-        logp = logp + never
-        at_cap = ((t + 1) >= limits).repeat_interleave(k)
-        logp[at_cap] = logp[at_cap] + eos_only  # at the cap only EOS may follow
-        cand = (scores.unsqueeze(-1) + logp.view(n, k, v)).view(n, k * v)  # (N, K*V)
+        cand = logp.view(n, k, v).add_(scores.unsqueeze(-1)).view(n, k * v)  # (N, K*V), in place
         n_cand = min(2 * k, k * v)
         top_scores, top_idx = cand.topk(n_cand, dim=-1)  # (N, 2K)
         top_beam = torch.div(top_idx, v, rounding_mode="floor")
@@ -223,6 +220,7 @@ def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512)
                 fin_scores[gone], fin_tokens[gone], fin_len[gone])
             keep = _kept_rows(done, count)
             sent, limits, done = sent[keep], limits[keep], done[keep]
+            first_cap = int(limits.min())
             scores, history, fin_scores, fin_tokens, fin_len = (
                 scores[keep], history[keep], fin_scores[keep], fin_tokens[keep], fin_len[keep])
             kept_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
