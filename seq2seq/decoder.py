@@ -22,6 +22,7 @@ from torch import nn
 from seq2seq import shapes
 from seq2seq.attention import AdditiveAttention, Attention, AttentionMemory
 from seq2seq.dropout import Dropout, dropout
+from seq2seq.lstm import lstm_cell
 from seq2seq.steplinear import SharedWeight
 
 
@@ -133,12 +134,8 @@ class Decoder(nn.Module):
     def _cell(self, gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor, hh: SharedWeight
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """LSTM cell (PyTorch's gate order i, f, g, o) given the input part of the gates."""
-        gates = (gates + hh(h)).float()  # float32 non-linearities and cell state (see _attentional)
-        size = self.hidden_size
-        sig = torch.sigmoid(gates)
-        c = sig[:, size: 2 * size] * c + sig[:, :size] * torch.tanh(gates[:, 2 * size: 3 * size])
-        h = sig[:, 3 * size:] * torch.tanh(c)
-        return h, c
+        # float32 non-linearities and cell state (see _attentional), one autograd node
+        return lstm_cell(gates + hh(h), c)
 
     def _rnn_step(self, gates0: torch.Tensor, extra: torch.Tensor | None, state: DecoderState, w: StepWeights
                   ) -> tuple[torch.Tensor, torch.Tensor]:

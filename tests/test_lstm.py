@@ -73,3 +73,32 @@ def test_bf16_autocast_stays_close_to_float32_and_returns_bf16_outputs():
     torch.testing.assert_close(half.outputs.float(), full.outputs, rtol=0.05, atol=0.02)
     (half.outputs.float().sum() + half.summary.sum()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in enc.rnn.parameters())
+
+
+def test_lstm_cell_function_matches_the_elementwise_formula_and_its_gradients():
+    from seq2seq.lstm import lstm_cell
+
+    g = torch.Generator().manual_seed(3)
+    gates = (2 * torch.randn(5, 4 * 6, generator=g)).requires_grad_()
+    c = torch.randn(5, 6, generator=g).requires_grad_()
+    h, c_new = lstm_cell(gates, c)
+    i, f, gg, o = gates.chunk(4, dim=-1)
+    ref_c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
+    ref_h = torch.sigmoid(o) * torch.tanh(ref_c)
+    torch.testing.assert_close(h, ref_h)
+    torch.testing.assert_close(c_new, ref_c)
+    w_h, w_c = torch.randn_like(h), torch.randn_like(c_new)
+    ours = torch.autograd.grad((h * w_h).sum() + (c_new * w_c).sum(), [gates, c])
+    expected = torch.autograd.grad((ref_h * w_h).sum() + (ref_c * w_c).sum(), [gates, c])
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want)
+    # only h used downstream: the cell state's gradient input is None
+    ours_h = torch.autograd.grad((lstm_cell(gates, c)[0] * w_h).sum(), [gates, c])
+    ref_h = torch.sigmoid(o) * torch.tanh(torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg))
+    expected_h = torch.autograd.grad((ref_h * w_h).sum(), [gates, c])
+    for got, want in zip(ours_h, expected_h):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        plain_h, plain_c = lstm_cell(gates, c)
+    torch.testing.assert_close(plain_h, ref_h.detach())
+    torch.testing.assert_close(plain_c, ref_c.detach())
