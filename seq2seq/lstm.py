@@ -30,6 +30,37 @@ def _compute_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
+def _activate(pre: torch.Tensor, c: torch.Tensor, acts: torch.Tensor | None = None,
+              tanh_c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A cell (gate order i, f, g, o) from float32 pre-activations (..., 4H) and the cell state:
+    (h, c', activations, tanh(c')); ``acts`` and ``tanh_c`` receive the last two when given."""
+    size = c.size(-1)
+    a = torch.sigmoid(pre, out=acts) if acts is not None else torch.sigmoid(pre)
+    torch.tanh(pre[..., 2 * size: 3 * size], out=a[..., 2 * size: 3 * size])
+    i, f, g, o = a.chunk(4, dim=-1)
+    c_new = torch.addcmul(f * c, i, g)
+    tc = torch.tanh(c_new, out=tanh_c) if tanh_c is not None else torch.tanh(c_new)
+    return o * tc, c_new, a, tc
+
+
+def _activate_backward(a: torch.Tensor, c: torch.Tensor, tc: torch.Tensor, dh: torch.Tensor,
+                       dc: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of ``_activate`` given d h and d c': the pre-activations' gradient, written into
+    ``out`` (..., 4H), and the previous cell state's."""
+    size = c.size(-1)
+    i, f, g, o = a.chunk(4, dim=-1)
+    di, df, dg, do = out.chunk(4, dim=-1)
+    dc = torch.addcmul(dc, dh * o, 1.0 - tc * tc)
+    torch.mul(dh, tc, out=do)
+    torch.mul(dc, g, out=di)
+    torch.mul(dc, c, out=df)
+    torch.mul(dc, i, out=dg)
+    # through the non-linearities: sigmoid' = a (1 - a) for i, f, o; tanh' = 1 - g^2 for g
+    deriv = torch.addcmul(a, a, a, value=-1.0)
+    torch.addcmul(torch.ones_like(g), g, g, value=-1.0, out=deriv[..., 2 * size: 3 * size])
+    return out.mul_(deriv), dc * f
+
+
 def _run(gates_in: torch.Tensor, w_hh_t: torch.Tensor, valid: torch.Tensor, save: bool
          ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """The recurrence. ``gates_in`` (S, B, 8H): the input part of the gates at each source
@@ -63,12 +94,7 @@ def _run(gates_in: torch.Tensor, w_hh_t: torch.Tensor, valid: torch.Tensor, save
         rec = torch.bmm(hm, w_hh_t).float()  # (2, B, 4H); the sums below in float32
         torch.add(gates_in[t, :, :four], rec[0], out=pre[0])
         torch.add(gates_in[back, :, four:], rec[1], out=pre[1])
-        a = torch.sigmoid(pre, out=acts[t]) if save else torch.sigmoid(pre)
-        torch.tanh(pre[..., 2 * size: 3 * size], out=a[..., 2 * size: 3 * size])
-        i, f, g, o = a.chunk(4, dim=-1)
-        c_new = torch.addcmul(f * c, i, g)
-        tc = torch.tanh(c_new, out=tanh_c[t]) if save else torch.tanh(c_new)
-        h_new = o * tc
+        h_new, c_new, _, _ = _activate(pre, c, acts[t] if save else None, tanh_c[t] if save else None)
         v = valid[t]
         # lerp with weight 0 or 1 returns exactly one end (and costs a fraction of torch.where)
         c = torch.lerp(c, c_new, v, out=cells[t + 1]) if save else torch.lerp(c, c_new, v)
@@ -104,29 +130,16 @@ class _Recurrence(torch.autograd.Function):
         dh = grad_h_last.float() if grad_h_last is not None else acts.new_zeros(2, batch, size)
         dc = acts.new_zeros(2, batch, size)
         d = acts.new_empty(2, batch, four)
-        di, df, dg, do = d.chunk(4, dim=-1)
         for t in range(steps - 1, -1, -1):
             back = steps - 1 - t
             k, p = keep[t], hold[t]
-            a = acts[t]
-            i, f, g, o = a.chunk(4, dim=-1)
             # the output's gradient reaches h only where the step was real (out = h_new * valid)
             step_grad = dh if grad_out is None else dh + torch.stack([grad_out[:, t, :size], grad_out[:, back, size:]])
-            dh_new = step_grad * k
-            tc = tanh_c[t]
-            dc_new = torch.addcmul(dc * k, dh_new * o, 1.0 - tc * tc)
-            torch.mul(dc_new, g, out=di)
-            torch.mul(dc_new, cells[t], out=df)
-            torch.mul(dc_new, i, out=dg)
-            torch.mul(dh_new, tc, out=do)
-            # through the non-linearities: sigmoid' = a (1 - a) for i, f, o; tanh' = 1 - g^2 for g
-            deriv = torch.addcmul(a, a, a, value=-1.0)
-            torch.addcmul(torch.ones_like(g), g, g, value=-1.0, out=deriv[..., 2 * size: 3 * size])
-            d.mul_(deriv)
+            _, dc_prev = _activate_backward(acts[t], cells[t], tanh_c[t], step_grad * k, dc * k, d)
             grad_gates[t, :, :four] = d[0]
             grad_gates[back, :, four:] = d[1]
             dh = torch.addcmul(torch.bmm(d.to(w.dtype), w).float(), dh, p)
-            dc = torch.addcmul(dc_new * f, dc, p)
+            dc = torch.addcmul(dc_prev, dc, p)
         # Each direction's recurrent weight gradient from all steps at once: (4H, rows) @ (rows, H).
         g16 = grad_rows.to(w.dtype)
         grad_w = torch.stack([g16[:, :four].t().mm(h_rows[0]), g16[:, four:].t().mm(h_rows[1])])
@@ -162,38 +175,18 @@ class _Cell(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        size = c.size(-1)
-        pre = gates.float()
-        a = torch.sigmoid(pre)
-        torch.tanh(pre[..., 2 * size: 3 * size], out=a[..., 2 * size: 3 * size])
-        i, f, g, o = a.chunk(4, dim=-1)
-        c_new = torch.addcmul(f * c, i, g)
-        tc = torch.tanh(c_new)
+        h, c_new, a, tc = _activate(gates.float(), c)
         ctx.save_for_backward(a, c, tc)
         ctx.gates_dtype = gates.dtype
-        return o * tc, c_new
+        return h, c_new
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor | None, dc: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         a, c, tc = ctx.saved_tensors
-        size = c.size(-1)
-        i, f, g, o = a.chunk(4, dim=-1)
+        dh = torch.zeros_like(c) if dh is None else dh.float()
         dc = torch.zeros_like(c) if dc is None else dc.float()
-        d = torch.empty_like(a)
-        di, df, dg, do = d.chunk(4, dim=-1)
-        if dh is not None:
-            dh = dh.float()
-            dc = torch.addcmul(dc, dh * o, 1.0 - tc * tc)
-            torch.mul(dh, tc, out=do)
-        else:
-            do.zero_()
-        torch.mul(dc, g, out=di)
-        torch.mul(dc, c, out=df)
-        torch.mul(dc, i, out=dg)
-        # sigmoid' = a (1 - a) for i, f, o; tanh' = 1 - g^2 for g
-        deriv = torch.addcmul(a, a, a, value=-1.0)
-        torch.addcmul(torch.ones_like(g), g, g, value=-1.0, out=deriv[..., 2 * size: 3 * size])
-        return d.mul_(deriv).to(ctx.gates_dtype), dc * f
+        d, dc_prev = _activate_backward(a, c, tc, dh, dc, torch.empty_like(a))
+        return d.to(ctx.gates_dtype), dc_prev
 
 
 def lstm_cell(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,9 +194,5 @@ def lstm_cell(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch
     float32 non-linearities and cell state."""
     if torch.is_grad_enabled() and (gates.requires_grad or c.requires_grad):
         return _Cell.apply(gates, c.float())
-    size = c.size(-1)
-    a = torch.sigmoid(gates.float())
-    torch.tanh(gates[..., 2 * size: 3 * size].float(), out=a[..., 2 * size: 3 * size])
-    i, f, g, o = a.chunk(4, dim=-1)
-    c_new = torch.addcmul(f * c, i, g)
-    return o * torch.tanh(c_new), c_new
+    h, c_new, _, _ = _activate(gates.float(), c.float())
+    return h, c_new
