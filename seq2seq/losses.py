@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from seq2seq.steplinear import compute_dtype
+
 # A float32 chunk of 256 x 8k logits is 8 MB: small enough for malloc to reuse freed heap memory
 # (chunks over 32 MB are always fresh mmaps, and touching fresh pages cost more than the math here).
 CHUNK_ROWS = 256
@@ -103,7 +105,6 @@ class _OutputCrossEntropy(torch.autograd.Function):
             lse[start: start + x.size(0)], chunk_total = _chunk_loss(x, target[start: start + x.size(0)], smoothing)
             total += chunk_total
         ctx.save_for_backward(h, w, logits, target, lse)
-        ctx.has_bias = b is not None
         ctx.bias = b
         ctx.smoothing = smoothing
         ctx.dtypes = (hidden.dtype, weight.dtype)
@@ -117,12 +118,12 @@ class _OutputCrossEntropy(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)
         grad_logits[n:] = 0  # padding rows
         grad_h = torch.empty_like(h)
-        grad_b = torch.zeros(w.size(0), dtype=torch.float32, device=h.device) if ctx.has_bias else None
+        grad_b = torch.zeros(w.size(0), dtype=torch.float32, device=h.device) if ctx.bias is not None else None
         for start in range(0, n, CHUNK_ROWS):
             stop = min(start + CHUNK_ROWS, rows)
             real = min(stop, n) - start
             x = logits[start: start + real].to(torch.float32, copy=True)
-            if ctx.has_bias:
+            if ctx.bias is not None:
                 x.add_(ctx.bias)
             g = _chunk_grad(x, lse[start: start + real], target[start: start + real], ctx.smoothing, scale)
             if grad_b is not None:
@@ -142,7 +143,6 @@ def output_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     matmuls use the autocast dtype when autocast is on."""
     if hidden.size(0) < target.numel():
         raise ValueError(f"{hidden.size(0)} rows of hidden states for {target.numel()} targets")
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    with torch.autocast(device, enabled=False):
+    dtype = compute_dtype(weight)
+    with torch.autocast(hidden.device.type, enabled=False):
         return _OutputCrossEntropy.apply(hidden, weight, bias, target, float(label_smoothing), dtype)

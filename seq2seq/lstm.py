@@ -24,10 +24,7 @@ from __future__ import annotations
 import torch
 
 from seq2seq import shapes
-
-
-def _compute_dtype(device: torch.device) -> torch.dtype | None:
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+from seq2seq.steplinear import compute_dtype
 
 
 def _activate(pre: torch.Tensor, c: torch.Tensor, acts: torch.Tensor | None = None,
@@ -158,7 +155,7 @@ def bidirectional_layer(x: torch.Tensor, mask: torch.Tensor, w_ih: torch.Tensor,
     gates_in = shapes.linear(x.transpose(0, 1), w_ih, bias)  # (S, B, 8H), all steps at once
     # per step, both directions: the backward direction's step t reads position S-1-t
     valid = torch.stack([mask.t(), mask.t().flip(0)], dim=1).unsqueeze(-1).float()  # (S, 2, B, 1)
-    dtype = _compute_dtype(x.device) or w_hh.dtype
+    dtype = compute_dtype(w_hh)
     with torch.autocast(x.device.type, enabled=False):
         if torch.is_grad_enabled() and (gates_in.requires_grad or w_hh.requires_grad):
             out, h_last = _Recurrence.apply(gates_in, w_hh, valid, dtype)

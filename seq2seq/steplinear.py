@@ -17,7 +17,8 @@ import torch
 from seq2seq.shapes import pad_rows
 
 
-def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul with ``weight`` runs in: autocast's when it is on, else the weight's."""
     device = weight.device.type
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
@@ -39,7 +40,7 @@ class SharedWeight:
     """``weight`` (out, in) applied as ``x @ weight.T`` at many steps of one forward pass."""
 
     def __init__(self, weight: torch.Tensor) -> None:
-        self.dtype = _compute_dtype(weight)
+        self.dtype = compute_dtype(weight)
         self.tracked = torch.is_grad_enabled() and weight.requires_grad
         if self.tracked:
             self.tape = _Tape()
