@@ -157,13 +157,20 @@ class Decoder(nn.Module):
 
     def _attend(self, query: torch.Tensor, memory: AttentionMemory, w: StepWeights
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention for one step's query (B, Q): context (B, D) and weights (B, 1, S) or None."""
+        """Attention for one step's queries (N, Q): context (N, D) and weights (N, S) or None.
+
+        The memory may hold fewer rows than there are queries: N = G x its B rows, the G queries of
+        memory row b being rows b*G .. b*G+G-1 (beam search's K beams of one sentence). They attend
+        as G queries of one row, so the source is read once per sentence, not once per beam."""
+        rows = memory.mask.size(0)
+        group = query.size(0) // rows
         if w.query is not None:
             projected = w.query(query) + self.attention.query_proj.bias
-            context, weights = self.attention.attend_projected(projected.unsqueeze(1), memory)
+            context, weights = self.attention.attend_projected(projected.view(rows, group, -1), memory)
         else:
-            context, weights = self.attention(query.unsqueeze(1), memory)
-        return context.squeeze(1), weights
+            context, weights = self.attention(query.view(rows, group, -1), memory)
+        return (context.reshape(query.size(0), -1),
+                None if weights is None else weights.reshape(query.size(0), -1))
 
     def _step(self, gates0: torch.Tensor, state: DecoderState, memory: AttentionMemory, w: StepWeights
               ) -> tuple[torch.Tensor, torch.Tensor, DecoderState, torch.Tensor | None]:
@@ -181,7 +188,7 @@ class Decoder(nn.Module):
             feed = self._attentional(out, context, w.combine)
         else:
             feed = state.feed
-        return out, context, DecoderState(h, c, feed), None if weights is None else weights.squeeze(1)
+        return out, context, DecoderState(h, c, feed), weights
 
     def step(self, emb: torch.Tensor, state: DecoderState, memory: AttentionMemory,
              weights: StepWeights | None = None) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:

@@ -60,8 +60,10 @@ class Seq2Seq(nn.Module):
 
     def decode_step(self, prev_tokens: torch.Tensor, state: DecoderState, memory: AttentionMemory,
                     weights: StepWeights | None = None) -> StepOutput:
-        """One decoder step from the previous tokens (B,); the search functions' only entry.
-        ``weights`` from ``step_weights()`` saves re-preparing them at every step."""
+        """One decoder step from the previous tokens (N,); the search functions' only entry.
+        ``memory`` has N rows, or N / G rows each shared by G consecutive rows of the state (the
+        beams of one sentence). ``weights`` from ``step_weights()`` saves re-preparing them at
+        every step."""
         emb = self.decoder.embedding(prev_tokens)  # (B, E)
         h_tilde, state, weights = self.decoder.step(emb, state, memory, weights)
         # float32 logits, the bias added in float32 (a bf16 addmm would first copy the bias

@@ -9,6 +9,7 @@ best length-normalised score, lp(n) = ((5 + n) / 6) ** alpha (Wu et al. 2016).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -18,8 +19,10 @@ import torch
 from seq2seq.batching import Batch, collate
 from seq2seq.config import SearchConfig
 from seq2seq.errors import ConfigError
+from seq2seq.heap import retained_heap
 from seq2seq.model import Seq2Seq
-from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from seq2seq.stepscores import beam_candidates, greedy_choice
+from seq2seq.tokenizer import BOS_ID, EOS_ID
 
 
 class Hypothesis(NamedTuple):
@@ -49,20 +52,6 @@ def check_search_config(cfg: SearchConfig) -> None:
 
 def length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:
     return ((5.0 + length.float()) / 6.0) ** alpha
-
-
-def step_log_probs(logits: torch.Tensor, at_cap: torch.Tensor | None) -> torch.Tensor:
-    """Log-probabilities (rows, V) of one step with PAD and BOS banned (never outputs, though an
-    undertrained model may rank them high) and, in the ``at_cap`` rows (a bool mask, or None when
-    no row is at its length cap), everything but EOS banned, so those sentences end."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    # two columns written in place, not an added (V,) mask: a full pass over (rows, V) less
-    logp.index_fill_(1, torch.tensor([PAD_ID, BOS_ID], device=logp.device), float("-inf"))
-    if at_cap is not None:
-        eos = logp[at_cap, EOS_ID]
-        logp[at_cap] = float("-inf")
-        logp[at_cap, EOS_ID] = eos
-    return logp
 
 
 SOURCE_MULTIPLE = 8  # source width of a search batch rounded up to this (fewer matmul shapes)
@@ -109,8 +98,7 @@ def greedy_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 51
     first_cap = int(limit.min())  # known on the host: no per-step check until a row reaches it
     for t in range(steps):
         out = model.decode_step(prev, state, memory, step_weights)
-        logp = step_log_probs(out.logits, (t + 1) >= limit if t + 1 >= first_cap else None)
-        step_score, prev = logp.max(dim=-1)
+        step_score, prev = greedy_choice(out.logits, (t + 1) >= limit if t + 1 >= first_cap else None)
         score.index_add_(0, rows, torch.where(finished, 0.0, step_score))
         newly = (prev == EOS_ID) & ~finished
         lengths[rows] = torch.where(newly, t + 1, lengths[rows])
@@ -146,8 +134,10 @@ def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512)
     b = batch.src.size(0)
     encoded = model.encode(batch.src, batch.src_lengths, batch.src_mask)
     step_weights = model.step_weights()
-    rows = torch.arange(b, device=device).repeat_interleave(k)  # (B*K,)
-    state, memory = encoded.state.select(rows), encoded.memory.select(rows)
+    # The state has a row per beam (B*K); the memory stays one row per sentence, which its K beams
+    # share (the decoder attends with K queries per memory row).
+    state = encoded.state.select(torch.arange(b, device=device).repeat_interleave(k))
+    memory = encoded.memory
     limits = max_lengths(batch.src_lengths, cfg, cap).to(device)  # (B,)
     steps = int(limits.max())
 
@@ -171,11 +161,9 @@ def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512)
         n = sent.numel()
         out = model.decode_step(prev, state, memory, step_weights)
         at_cap = ((t + 1) >= limits).repeat_interleave(k) if t + 1 >= first_cap else None
-        logp = step_log_probs(out.logits, at_cap)  # (N*K, V)
-        v = logp.size(-1)
-        cand = logp.view(n, k, v).add_(scores.unsqueeze(-1)).view(n, k * v)  # (N, K*V), in place
+        v = out.logits.size(-1)
         n_cand = min(2 * k, k * v)
-        top_scores, top_idx = cand.topk(n_cand, dim=-1)  # (N, 2K)
+        top_scores, top_idx = beam_candidates(out.logits, scores, at_cap, n_cand)  # (N, 2K) of the K*V
         top_beam = torch.div(top_idx, v, rounding_mode="floor")
         top_tok = top_idx % v
         is_eos = top_tok == EOS_ID
@@ -223,10 +211,9 @@ def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512)
             first_cap = int(limits.min())
             scores, history, fin_scores, fin_tokens, fin_len = (
                 scores[keep], history[keep], fin_scores[keep], fin_tokens[keep], fin_len[keep])
-            kept_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
             reorder = reorder.view(n, k)[keep].view(-1)
             prev = prev.view(n, k)[keep].view(-1)
-            memory = memory.select(kept_rows)
+            memory = memory.select(keep)
         state = out.state.select(reorder)
 
     out_scores[sent], out_tokens[sent], out_len[sent] = fin_scores, fin_tokens, fin_len
@@ -263,11 +250,12 @@ def translate_ids(model: Seq2Seq, src_ids: Sequence[Sequence[int]], cfg: SearchC
     model.eval()
     order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]))
     results: list[Hypothesis | None] = [None] * len(src_ids)
-    for start in range(0, len(order), cfg.batch_size):
-        chunk = order[start : start + cfg.batch_size]
-        batch = collate([src_ids[i] for i in chunk], None, chunk, src_multiple=SOURCE_MULTIPLE).to(device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            hyps = decode(model, batch, cfg, cap, keep_attention)
-        for i, hyp in zip(chunk, hyps):
-            results[i] = hyp
+    with retained_heap() if device.type == "cpu" else contextlib.nullcontext():
+        for start in range(0, len(order), cfg.batch_size):
+            chunk = order[start : start + cfg.batch_size]
+            batch = collate([src_ids[i] for i in chunk], None, chunk, src_multiple=SOURCE_MULTIPLE).to(device)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                hyps = decode(model, batch, cfg, cap, keep_attention)
+            for i, hyp in zip(chunk, hyps):
+                results[i] = hyp
     return results  # type: ignore[return-value]

@@ -512,3 +512,24 @@ def test_additive_scores_match_autograd_and_pass_gradcheck():
     fused = torch.autograd.grad((AdditiveScores.apply(q, keys, v) * weights).sum(), (q, keys, v))
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_beams_sharing_one_memory_row_step_as_with_a_memory_row_each(variant):
+    """Beam search keeps one memory row per sentence for its K beams; a step must give what it
+    gives with the memory copied to every beam."""
+    model = make_model(variant)
+    batch = batch3()
+    k = 3
+    with torch.no_grad():
+        encoded = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+        rows = torch.arange(batch.src.size(0)).repeat_interleave(k)
+        state = encoded.state.select(rows)
+        prev = torch.randint(4, 19, (rows.numel(),), generator=torch.Generator().manual_seed(0))
+        for _ in range(3):  # a few steps, so the fed state differs between beams
+            shared = model.decode_step(prev, state, encoded.memory)
+            copied = model.decode_step(prev, state, encoded.memory.select(rows))
+            torch.testing.assert_close(shared.logits, copied.logits, atol=1e-5, rtol=0)
+            if copied.attention is not None:
+                torch.testing.assert_close(shared.attention, copied.attention, atol=1e-6, rtol=0)
+            state, prev = shared.state, shared.logits.argmax(dim=-1)
