@@ -81,12 +81,12 @@ class AdditiveScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, keys: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(q, keys, v)
-        return torch.add(q, keys).tanh_() @ v
+        return torch.add(keys, q).tanh_() @ v
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, keys, v = ctx.saved_tensors
-        energies = torch.add(q, keys).tanh_()  # (B, T, S, A)
+        energies = torch.add(keys, q).tanh_()  # (B, T, S, A)
         grad_v = torch.einsum("bts,btsa->a", grad, energies)
         # d/d(q + k) = grad * v * (1 - tanh^2), built in place in the energies' buffer
         pre = energies.square_().neg_().add_(1).mul_(grad.unsqueeze(-1)).mul_(v)

@@ -39,14 +39,14 @@ class DecoderState(NamedTuple):
 class StepWeights(NamedTuple):
     """The parameters the step loop applies at every step, wrapped for one pass."""
 
-    extra: SharedWeight | None  # layer 0's context/feed columns of nn.LSTM's weight_ih_l0
-    hh: list[SharedWeight]  # per layer: weight_hh_l<k>
+    layer0: SharedWeight  # layer 0's one matmul per step (see Decoder._rnn_step)
+    joint: bool  # ``layer0`` includes the word-embedding columns (search), with ``layer0_bias``
+    layer0_bias: torch.Tensor  # layer 0's two biases summed
+    hh: list[SharedWeight]  # layers 1..: weight_hh_l<k>
     ih: list[SharedWeight]  # layers 1..: weight_ih_l<k>
     bias: list[torch.Tensor]  # layers 1..: both biases summed
     query: SharedWeight | None  # additive attention's query projection
     combine: SharedWeight | None  # W_c, when h~ is fed back
-    word: SharedWeight  # layer 0's word-embedding columns of weight_ih_l0 (one step at a time)
-    word_bias: torch.Tensor  # layer 0's two biases summed
 
 
 class DecoderOutput(NamedTuple):
@@ -106,51 +106,64 @@ class Decoder(nn.Module):
 
     # -------------------------------------------------------------- the fused step
     # The step-by-step paths do not call nn.LSTM once per step (a full RNN call per time step costs
-    # far more than its arithmetic). They use nn.LSTM's own parameters in three parts: the word's
-    # input projection, computed for all steps at once before the loop; the context/feed part and
-    # the recurrent part, one matmul each per step. Same numbers as nn.LSTM, a fraction of the ops.
+    # far more than its arithmetic). They use nn.LSTM's own parameters, with layer 0's three inputs
+    # (word, context or fed-back h~, previous state) in one matmul per step: in training the word's
+    # part is computed for all steps at once before the loop and the step's matmul covers the
+    # other two; in search, where the word is known only one step ahead, it covers all three.
+    # Same numbers as nn.LSTM, a fraction of the ops.
 
     def _embedding_gates(self, emb: torch.Tensor) -> torch.Tensor:
         """Layer 0's gate pre-activations from the word embeddings (..., E) -> (..., 4H), biases included."""
         w = self.rnn.weight_ih_l0
         return shapes.linear(emb, w[:, : self.embedding.embedding_dim], self.rnn.bias_ih_l0 + self.rnn.bias_hh_l0)
 
-    def step_weights(self) -> StepWeights:
+    @property
+    def _has_extra(self) -> bool:
+        """Whether layer 0 has an input besides the word (the context, or the fed-back h~)."""
+        return self.context_before_rnn or self.input_feeding
+
+    def step_weights(self, joint: bool = False) -> StepWeights:
         """The weights every step uses, wrapped once per pass (see ``steplinear``): each is cast
-        once and gets its gradient from one matmul over all steps. Search makes them once per batch."""
+        once and gets its gradient from one matmul over all steps. ``joint`` (search, once per
+        batch): layer 0's matmul takes the embedded word too."""
         rnn, size = self.rnn, self.embedding.embedding_dim
+        if joint:  # [word | extra | h] columns
+            layer0 = SharedWeight(rnn.weight_ih_l0, rnn.weight_hh_l0)
+        elif self._has_extra:  # [extra | h] columns
+            layer0 = SharedWeight(rnn.weight_ih_l0[:, size:], rnn.weight_hh_l0)
+        else:
+            layer0 = SharedWeight(rnn.weight_hh_l0)
         additive = isinstance(self.attention, AdditiveAttention)
         return StepWeights(
-            extra=SharedWeight(rnn.weight_ih_l0[:, size:]) if (self.context_before_rnn or self.input_feeding) else None,
-            hh=[SharedWeight(getattr(rnn, f"weight_hh_l{k}")) for k in range(self.num_layers)],
+            layer0=layer0,
+            joint=joint,
+            layer0_bias=rnn.bias_ih_l0 + rnn.bias_hh_l0,
+            hh=[SharedWeight(getattr(rnn, f"weight_hh_l{k}")) for k in range(1, self.num_layers)],
             ih=[SharedWeight(getattr(rnn, f"weight_ih_l{k}")) for k in range(1, self.num_layers)],
             bias=[getattr(rnn, f"bias_ih_l{k}") + getattr(rnn, f"bias_hh_l{k}") for k in range(1, self.num_layers)],
             query=SharedWeight(self.attention.query_proj.weight) if additive else None,
             combine=SharedWeight(self.combine.weight) if self.input_feeding else None,
-            word=SharedWeight(rnn.weight_ih_l0[:, :size]),
-            word_bias=rnn.bias_ih_l0 + rnn.bias_hh_l0,
         )
 
-    def _cell(self, gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor, hh: SharedWeight
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """LSTM cell (PyTorch's gate order i, f, g, o) given the input part of the gates."""
-        # float32 non-linearities and cell state (see _attentional), one autograd node
-        return lstm_cell(gates + hh(h), c)
-
-    def _rnn_step(self, gates0: torch.Tensor, extra: torch.Tensor | None, state: DecoderState, w: StepWeights
+    def _rnn_step(self, word: torch.Tensor, extra: torch.Tensor | None, state: DecoderState, w: StepWeights
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All layers for one step: ``gates0`` (B, 4H) from the word, ``extra`` the context or the
-        fed-back h~ (layer 0's other input). Returns the new (L, B, H) hidden and cell states."""
-        if extra is not None:
-            gates0 = gates0 + w.extra(extra)
-        h, c = self._cell(gates0, state.hidden[0], state.cell[0], w.hh[0])
+        """All layers for one step. ``word``: layer 0's gate pre-activations from the word (B, 4H),
+        biases included, or with ``w.joint`` the embedded word itself (B, E); ``extra`` the context
+        or the fed-back h~ (layer 0's other input). Returns the new (L, B, H) hidden and cell states."""
+        inputs = [state.hidden[0]] if extra is None else [extra, state.hidden[0]]
+        if w.joint:
+            gates = w.layer0(torch.cat([word, *inputs], dim=1)) + w.layer0_bias
+        else:
+            gates = word + w.layer0(inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1))
+        # float32 non-linearities and cell state (see _attentional), one autograd node
+        h, c = lstm_cell(gates, state.cell[0])
         if self.num_layers == 1:
             return h.unsqueeze(0), c.unsqueeze(0)
         hs, cs = [h], [c]
         for layer in range(1, self.num_layers):
             below = dropout(hs[-1], self.rnn.dropout, self.training)
-            gates = w.ih[layer - 1](below) + w.bias[layer - 1]
-            h, c = self._cell(gates, state.hidden[layer], state.cell[layer], w.hh[layer])
+            gates = w.ih[layer - 1](below) + w.bias[layer - 1] + w.hh[layer - 1](state.hidden[layer])
+            h, c = lstm_cell(gates, state.cell[layer])
             hs.append(h)
             cs.append(c)
         return torch.stack(hs), torch.stack(cs)
@@ -172,16 +185,17 @@ class Decoder(nn.Module):
         return (context.reshape(query.size(0), -1),
                 None if weights is None else weights.reshape(query.size(0), -1))
 
-    def _step(self, gates0: torch.Tensor, state: DecoderState, memory: AttentionMemory, w: StepWeights
+    def _step(self, word: torch.Tensor, state: DecoderState, memory: AttentionMemory, w: StepWeights
               ) -> tuple[torch.Tensor, torch.Tensor, DecoderState, torch.Tensor | None]:
-        """One step from layer 0's word gates: returns (top LSTM output h, context, new state, weights).
-        h~ is formed here only when it is fed back (input feeding); otherwise the caller forms it."""
+        """One step from the word (see ``_rnn_step``): returns (top LSTM output h, context, new
+        state, weights). h~ is formed here only when it is fed back (input feeding); otherwise the
+        caller forms it."""
         if self.context_before_rnn:
             context, weights = self._attend(state.hidden[-1], memory, w)  # previous state
-            h, c = self._rnn_step(gates0, context, state, w)
+            h, c = self._rnn_step(word, context, state, w)
             out = h[-1]
         else:
-            h, c = self._rnn_step(gates0, state.feed if self.input_feeding else None, state, w)
+            h, c = self._rnn_step(word, state.feed if self.input_feeding else None, state, w)
             out = h[-1]
             context, weights = self._attend(out, memory, w)  # current state
         if self.input_feeding:
@@ -193,10 +207,9 @@ class Decoder(nn.Module):
     def step(self, emb: torch.Tensor, state: DecoderState, memory: AttentionMemory,
              weights: StepWeights | None = None) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
         """One step. ``emb`` (B, E) is the embedded previous word; returns h~ (B, P), the new
-        state and the attention weights (B, S) or None. ``weights``: from ``step_weights()``."""
-        weights = weights if weights is not None else self.step_weights()
-        gates0 = weights.word(emb) + weights.word_bias  # the cast word weights, shared by every step
-        out, context, state, attention = self._step(gates0, state, memory, weights)
+        state and the attention weights (B, S) or None. ``weights``: from ``step_weights(joint=True)``."""
+        weights = weights if weights is not None else self.step_weights(joint=True)
+        out, context, state, attention = self._step(emb, state, memory, weights)
         if self.input_feeding:
             return state.feed, state, attention
         h_tilde = self._attentional(out, context)

@@ -56,7 +56,7 @@ class Seq2Seq(nn.Module):
 
     def step_weights(self) -> StepWeights:
         """The decoder's per-step weights, prepared once (cast to the autocast dtype) for a search."""
-        return self.decoder.step_weights()
+        return self.decoder.step_weights(joint=True)
 
     def decode_step(self, prev_tokens: torch.Tensor, state: DecoderState, memory: AttentionMemory,
                     weights: StepWeights | None = None) -> StepOutput:

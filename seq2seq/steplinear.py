@@ -36,17 +36,29 @@ class _Tape:
         self.signalled = False
 
 
-class SharedWeight:
-    """``weight`` (out, in) applied as ``x @ weight.T`` at many steps of one forward pass."""
+def _cast_joined(pieces: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The pieces side by side (along the input axis) in ``dtype``: one pass over each."""
+    joined = pieces[0].new_empty((pieces[0].size(0), sum(p.size(1) for p in pieces)), dtype=dtype)
+    start = 0
+    for piece in pieces:
+        joined[:, start : start + piece.size(1)].copy_(piece.detach())
+        start += piece.size(1)
+    return joined
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.dtype = compute_dtype(weight)
-        self.tracked = torch.is_grad_enabled() and weight.requires_grad
+
+class SharedWeight:
+    """A weight (out, in) applied as ``x @ weight.T`` at many steps of one forward pass. Several
+    pieces (out, in_i) act as one weight, side by side along the input axis (``x`` is then the
+    matching concatenation of inputs): one matmul per step where there would be one per piece."""
+
+    def __init__(self, *pieces: torch.Tensor) -> None:
+        self.dtype = compute_dtype(pieces[0])
+        self.tracked = torch.is_grad_enabled() and any(p.requires_grad for p in pieces)
         if self.tracked:
             self.tape = _Tape()
-            self.step_weight = _CastOnce.apply(weight, self.tape, self.dtype)
+            self.step_weight = _CastOnce.apply(self.tape, self.dtype, *pieces)
         else:
-            self.step_weight = weight.detach().to(self.dtype)
+            self.step_weight = _cast_joined(pieces, self.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.tracked:
@@ -59,23 +71,25 @@ class _CastOnce(torch.autograd.Function):
     gradient from all of them at once."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, tape: _Tape, dtype: torch.dtype) -> torch.Tensor:
+    def forward(ctx, tape: _Tape, dtype: torch.dtype, *pieces: torch.Tensor) -> torch.Tensor:
         ctx.tape = tape
-        ctx.weight_dtype = weight.dtype
-        return weight.detach().to(dtype, copy=True).contiguous()
+        ctx.weight_dtype = pieces[0].dtype
+        ctx.widths = [p.size(1) for p in pieces]
+        return _cast_joined(pieces, dtype)
 
     @staticmethod
-    def backward(ctx, _placeholder: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+    def backward(ctx, _placeholder: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         tape = ctx.tape
         steps = sorted(tape.grads)
         if not steps:
-            return None, None, None
+            return (None, None, *[None] * len(ctx.widths))
         # (T*B, in) and (T*B, out), rows padded with zeros so the shapes repeat (seq2seq/shapes.py)
         x = pad_rows(torch.cat([tape.inputs[i] for i in steps]))
         g = pad_rows(torch.cat([tape.grads[i] for i in steps]))
         tape.inputs.clear()
         tape.grads.clear()
-        return g.t().mm(x).to(ctx.weight_dtype), None, None
+        grad = g.t().mm(x).to(ctx.weight_dtype)
+        return (None, None, *grad.split(ctx.widths, dim=1))
 
 
 class _StepMatmul(torch.autograd.Function):

@@ -1,0 +1,69 @@
+"""SharedWeight: a weight (or several side by side) applied at many steps gets the gradient plain
+autograd would give it, in float32 and under bf16 autocast, and search uses it without autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seq2seq.steplinear import SharedWeight
+
+
+def _pieces(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    whole = torch.randn(6, 9, generator=g, requires_grad=True)
+    extra = torch.randn(6, 4, generator=g, requires_grad=True)
+    return [whole, extra]
+
+
+def _recurrence(apply, xs: list[torch.Tensor]) -> torch.Tensor:
+    """A loss over steps that each feed the previous output back (as real recurrences do)."""
+    h = torch.zeros(3, 6)
+    total = torch.zeros(())
+    for x in xs:
+        h = torch.tanh(apply(x + torch.cat([h, h, h[:, :1]], dim=1)))
+        total = total + h.square().sum()
+    return total
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-weight", "two-pieces"])
+def test_gradients_match_plain_autograd_over_many_steps(split):
+    pieces = _pieces(0)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(3, 13, generator=g, requires_grad=True) for _ in range(5)]
+    weight = torch.cat(pieces, dim=1)
+    expected = torch.autograd.grad(_recurrence(lambda x: x @ weight.t(), xs), [*pieces, *xs])
+    if split:
+        params, shared = pieces, SharedWeight(*pieces)
+        expected_params = expected[:2]
+    else:
+        leaf = weight.detach().requires_grad_()
+        params, shared = [leaf], SharedWeight(leaf)
+        expected_params = [torch.cat(expected[:2], dim=1)]
+    got = torch.autograd.grad(_recurrence(shared, xs), [*params, *xs])
+    for a, b in zip(got, [*expected_params, *expected[2:]]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_casts_once_and_keeps_float32_gradients():
+    pieces = _pieces(2)
+    x = torch.randn(4, 13)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        shared = SharedWeight(*pieces)
+        y = shared(x)
+    assert shared.step_weight.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    for p in pieces:
+        assert p.grad is not None and p.grad.dtype == torch.float32
+    expected = x.sum(0)  # d(sum(x @ W.T)) / dW = column sums of x, for every output row
+    torch.testing.assert_close(pieces[0].grad, expected[:9].expand(6, 9), atol=0.1, rtol=0.02)
+    torch.testing.assert_close(pieces[1].grad, expected[9:].expand(6, 4), atol=0.1, rtol=0.02)
+
+
+def test_without_autograd_it_is_a_plain_matmul_of_the_joined_pieces():
+    pieces = _pieces(3)
+    x = torch.randn(5, 13)
+    with torch.no_grad():
+        shared = SharedWeight(*pieces)
+        assert not shared.tracked
+        torch.testing.assert_close(shared(x), x @ torch.cat(pieces, dim=1).t())
