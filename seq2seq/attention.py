@@ -14,16 +14,41 @@ from torch import nn
 
 from seq2seq import shapes
 from seq2seq.encoder import EncoderOutput
+from seq2seq.steplinear import SharedWeight
 
 
 class AttentionMemory(NamedTuple):
     keys: torch.Tensor  # (B, S, K) projected keys, computed once per batch
     values: torch.Tensor  # (B, S, D) encoder states that contexts are averaged from
     mask: torch.Tensor  # (B, S) True at real tokens
+    # For a step-by-step pass (``for_steps``): the two matmuls with keys and values as shared
+    # weights, so that their gradients are formed once for all steps.
+    key_matmul: SharedWeight | None = None
+    value_matmul: SharedWeight | None = None
 
     def select(self, index: torch.Tensor) -> AttentionMemory:
-        """Rows ``index`` of the batch (beam search expands and reorders with this)."""
-        return AttentionMemory(*(t.index_select(0, index) for t in self))
+        """Rows ``index`` of the batch (beam search compacts with this)."""
+        return AttentionMemory(*(t.index_select(0, index) for t in (self.keys, self.values, self.mask)))
+
+    def for_steps(self, scored_keys: bool) -> AttentionMemory:
+        """This memory for a pass that attends one step at a time with gradients: values (and the
+        keys, when ``scored_keys``: scores are query . key products) through ``SharedWeight``."""
+        if not torch.is_grad_enabled():
+            return self
+        return self._replace(key_matmul=SharedWeight(self.keys) if scored_keys else None,
+                             value_matmul=SharedWeight(self.values.transpose(1, 2)))
+
+    def scores(self, query: torch.Tensor) -> torch.Tensor:
+        """query . key for (B, T, K) queries: (B, T, S)."""
+        if self.key_matmul is not None:
+            return self.key_matmul(query)
+        return torch.bmm(query, self.keys.transpose(1, 2))
+
+    def read(self, weights: torch.Tensor) -> torch.Tensor:
+        """Contexts (B, T, D) from attention weights (B, T, S)."""
+        if self.value_matmul is not None:
+            return self.value_matmul(weights)
+        return torch.bmm(weights, self.values)
 
 
 class AttentionResult(NamedTuple):
@@ -124,7 +149,7 @@ class AdditiveAttention(Attention):
         with torch.autocast(q.device.type, enabled=False):
             scores = AdditiveScores.apply(q, memory.keys.unsqueeze(1), self.energy.weight.view(-1))  # (B, T, S)
         weights = masked_softmax(scores, memory.mask)
-        return AttentionResult(context=torch.bmm(weights, memory.values), weights=weights)
+        return AttentionResult(context=memory.read(weights), weights=weights)
 
 
 class MultiplicativeAttention(Attention):
@@ -143,6 +168,5 @@ class MultiplicativeAttention(Attention):
         return AttentionMemory(keys=keys, values=enc.outputs, mask=enc.mask)
 
     def forward(self, query: torch.Tensor, memory: AttentionMemory) -> AttentionResult:
-        scores = torch.bmm(query, memory.keys.transpose(1, 2))  # (B, T, S)
-        weights = masked_softmax(scores, memory.mask)
-        return AttentionResult(context=torch.bmm(weights, memory.values), weights=weights)
+        weights = masked_softmax(memory.scores(query), memory.mask)  # (B, T, S)
+        return AttentionResult(context=memory.read(weights), weights=weights)

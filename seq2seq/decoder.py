@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from seq2seq import shapes
-from seq2seq.attention import AdditiveAttention, Attention, AttentionMemory
+from seq2seq.attention import AdditiveAttention, Attention, AttentionMemory, MultiplicativeAttention
 from seq2seq.dropout import Dropout, dropout
 from seq2seq.lstm import lstm_cell
 from seq2seq.steplinear import SharedWeight
@@ -241,6 +241,7 @@ class Decoder(nn.Module):
         gold_gates = self._embedding_gates(self.dropout(self.embedding(tgt_in))).unbind(1)  # T x (B, 4H)
         outs, contexts, feeds, attn, logits = [], [], [], [], []
         weights_t = self.step_weights()
+        memory = memory.for_steps(scored_keys=isinstance(self.attention, MultiplicativeAttention))
         for t in range(steps):
             gates0 = gold_gates[t]
             if sampling and t > 0:

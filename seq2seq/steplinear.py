@@ -37,19 +37,26 @@ class _Tape:
 
 
 def _cast_joined(pieces: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The pieces side by side (along the input axis) in ``dtype``: one pass over each."""
-    joined = pieces[0].new_empty((pieces[0].size(0), sum(p.size(1) for p in pieces)), dtype=dtype)
+    """The pieces side by side (along the input axis, the last) in ``dtype``: one pass over each."""
+    if len(pieces) == 1:
+        return pieces[0].detach().to(dtype, copy=True)
+    first = pieces[0]
+    joined = first.new_empty((*first.shape[:-1], sum(p.size(-1) for p in pieces)), dtype=dtype)
     start = 0
     for piece in pieces:
-        joined[:, start : start + piece.size(1)].copy_(piece.detach())
-        start += piece.size(1)
+        joined[..., start : start + piece.size(-1)].copy_(piece.detach())
+        start += piece.size(-1)
     return joined
 
 
 class SharedWeight:
     """A weight (out, in) applied as ``x @ weight.T`` at many steps of one forward pass. Several
     pieces (out, in_i) act as one weight, side by side along the input axis (``x`` is then the
-    matching concatenation of inputs): one matmul per step where there would be one per piece."""
+    matching concatenation of inputs): one matmul per step where there would be one per piece.
+
+    The weight may also be batched, (B, out, in) with ``x`` (B, n, in): the attention memory, which
+    every decoder step reads (keys in a score, values in a context) and whose gradient would
+    otherwise be formed and summed step by step, a (B, S, D) pass per step each time."""
 
     def __init__(self, *pieces: torch.Tensor) -> None:
         self.dtype = compute_dtype(pieces[0])
@@ -62,7 +69,7 @@ class SharedWeight:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.tracked:
-            return x.to(self.dtype) @ self.step_weight.t()
+            return x.to(self.dtype) @ self.step_weight.mT
         return _StepMatmul.apply(x, self.step_weight, self.tape)
 
 
@@ -74,7 +81,7 @@ class _CastOnce(torch.autograd.Function):
     def forward(ctx, tape: _Tape, dtype: torch.dtype, *pieces: torch.Tensor) -> torch.Tensor:
         ctx.tape = tape
         ctx.weight_dtype = pieces[0].dtype
-        ctx.widths = [p.size(1) for p in pieces]
+        ctx.widths = [p.size(-1) for p in pieces]
         return _cast_joined(pieces, dtype)
 
     @staticmethod
@@ -83,13 +90,15 @@ class _CastOnce(torch.autograd.Function):
         steps = sorted(tape.grads)
         if not steps:
             return (None, None, *[None] * len(ctx.widths))
-        # (T*B, in) and (T*B, out), rows padded with zeros so the shapes repeat (seq2seq/shapes.py)
-        x = pad_rows(torch.cat([tape.inputs[i] for i in steps]))
-        g = pad_rows(torch.cat([tape.grads[i] for i in steps]))
+        inputs, grads = [tape.inputs[i] for i in steps], [tape.grads[i] for i in steps]
         tape.inputs.clear()
         tape.grads.clear()
-        grad = g.t().mm(x).to(ctx.weight_dtype)
-        return (None, None, *grad.split(ctx.widths, dim=1))
+        if inputs[0].dim() == 2:
+            # (T*B, in) and (T*B, out), rows padded with zeros so the shapes repeat (seq2seq/shapes.py)
+            grad = pad_rows(torch.cat(grads)).t().mm(pad_rows(torch.cat(inputs)))
+        else:  # batched: (B, T*n, out)^T @ (B, T*n, in)
+            grad = torch.cat(grads, dim=1).mT.bmm(torch.cat(inputs, dim=1))
+        return (None, None, *grad.to(ctx.weight_dtype).split(ctx.widths, dim=-1))
 
 
 class _StepMatmul(torch.autograd.Function):
@@ -101,7 +110,7 @@ class _StepMatmul(torch.autograd.Function):
             tape.inputs.append(x)
             ctx.tape = tape
             ctx.save_for_backward(weight)
-            return x.mm(weight.t())
+            return x @ weight.mT
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
@@ -115,4 +124,4 @@ class _StepMatmul(torch.autograd.Function):
             # an expanded scalar costs no memory, and the others send None, so nothing is summed.
             tape.signalled = True
             placeholder = weight.new_zeros(()).expand_as(weight)
-        return grad.mm(weight), placeholder, None
+        return grad @ weight, placeholder, None

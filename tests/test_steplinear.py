@@ -67,3 +67,24 @@ def test_without_autograd_it_is_a_plain_matmul_of_the_joined_pieces():
         shared = SharedWeight(*pieces)
         assert not shared.tracked
         torch.testing.assert_close(shared(x), x @ torch.cat(pieces, dim=1).t())
+
+
+def test_a_batched_weight_gets_the_gradient_of_per_step_bmm():
+    """The attention memory as a shared weight: (B, out, in) with per-step inputs (B, n, in)."""
+    g = torch.Generator().manual_seed(4)
+    memory = torch.randn(2, 7, 5, generator=g, requires_grad=True)  # (B, S, D)
+    queries = [torch.randn(2, 1, 5, generator=g, requires_grad=True) for _ in range(4)]
+
+    def run(score):
+        total = torch.zeros(())
+        carry = torch.zeros(2, 1, 5)
+        for q in queries:
+            s = torch.softmax(score(q + carry), dim=-1)  # (B, 1, S)
+            carry = torch.bmm(s, memory.detach())  # feeds the next step, as input feeding does
+            total = total + (s * torch.arange(7.0)).sum()
+        return total
+
+    expected = torch.autograd.grad(run(lambda q: torch.bmm(q, memory.transpose(1, 2))), [memory, *queries])
+    got = torch.autograd.grad(run(SharedWeight(memory)), [memory, *queries])
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
