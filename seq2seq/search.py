@@ -18,6 +18,7 @@ import torch
 
 from seq2seq.batching import Batch, collate
 from seq2seq.config import SearchConfig
+from seq2seq.decoder import StepWeights
 from seq2seq.errors import ConfigError
 from seq2seq.heap import retained_heap
 from seq2seq.model import Seq2Seq
@@ -79,11 +80,11 @@ def _kept_rows(finished: torch.Tensor, count: int) -> torch.Tensor:
 
 @torch.no_grad()
 def greedy_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512,
-                  keep_attention: bool = False) -> list[Hypothesis]:
+                  keep_attention: bool = False, weights: StepWeights | None = None) -> list[Hypothesis]:
     device = batch.src.device
     encoded = model.encode(batch.src, batch.src_lengths, batch.src_mask)
     state, memory = encoded.state, encoded.memory
-    step_weights = model.step_weights()
+    step_weights = weights if weights is not None else model.step_weights()
     b = batch.src.size(0)
     limits = max_lengths(batch.src_lengths, cfg, cap).to(device)
     steps = int(limits.max())
@@ -128,12 +129,13 @@ def greedy_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 51
 
 
 @torch.no_grad()
-def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512) -> list[Hypothesis]:
+def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512,
+                weights: StepWeights | None = None) -> list[Hypothesis]:
     k = cfg.beam_size
     device = batch.src.device
     b = batch.src.size(0)
     encoded = model.encode(batch.src, batch.src_lengths, batch.src_mask)
-    step_weights = model.step_weights()
+    step_weights = weights if weights is not None else model.step_weights()
     # The state has a row per beam (B*K); the memory stays one row per sentence, which its K beams
     # share (the decoder attends with K queries per memory row).
     state = encoded.state.select(torch.arange(b, device=device).repeat_interleave(k))
@@ -227,11 +229,12 @@ def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512)
 
 
 def decode(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512,
-           keep_attention: bool = False) -> list[Hypothesis]:
-    """Greedy when ``beam_size`` is 1, beam search otherwise."""
+           keep_attention: bool = False, weights: StepWeights | None = None) -> list[Hypothesis]:
+    """Greedy when ``beam_size`` is 1, beam search otherwise. ``weights``: the model's
+    ``step_weights()``, made in the same autocast setting (made here when not given)."""
     if cfg.beam_size <= 1:
-        return greedy_search(model, batch, cfg, cap, keep_attention)
-    return beam_search(model, batch, cfg, cap)
+        return greedy_search(model, batch, cfg, cap, keep_attention, weights)
+    return beam_search(model, batch, cfg, cap, weights)
 
 
 def search_label(cfg: SearchConfig) -> str:
@@ -242,6 +245,7 @@ def search_label(cfg: SearchConfig) -> str:
     return f"beam{cfg.beam_size}{alpha}"
 
 
+@torch.no_grad()
 def translate_ids(model: Seq2Seq, src_ids: Sequence[Sequence[int]], cfg: SearchConfig,
                   device: torch.device, amp_dtype: torch.dtype | None = None, cap: int = 512,
                   keep_attention: bool = False) -> list[Hypothesis]:
@@ -250,12 +254,16 @@ def translate_ids(model: Seq2Seq, src_ids: Sequence[Sequence[int]], cfg: SearchC
     model.eval()
     order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]))
     results: list[Hypothesis | None] = [None] * len(src_ids)
-    with retained_heap() if device.type == "cpu" else contextlib.nullcontext():
+    # One autocast region and one set of step weights for all batches: every weight is cast to
+    # the autocast dtype once per call, not once per batch (autocast caches its casts until the
+    # region ends).
+    with (retained_heap() if device.type == "cpu" else contextlib.nullcontext(),
+          torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)):
+        weights = model.step_weights() if src_ids else None
         for start in range(0, len(order), cfg.batch_size):
             chunk = order[start : start + cfg.batch_size]
             batch = collate([src_ids[i] for i in chunk], None, chunk, src_multiple=SOURCE_MULTIPLE).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                hyps = decode(model, batch, cfg, cap, keep_attention)
+            hyps = decode(model, batch, cfg, cap, keep_attention, weights)
             for i, hyp in zip(chunk, hyps):
                 results[i] = hyp
     return results  # type: ignore[return-value]
