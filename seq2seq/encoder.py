@@ -37,6 +37,9 @@ class Encoder(nn.Module):
 
     def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, src_mask: torch.Tensor) -> EncoderOutput:
         emb = self.dropout(self.embedding(src))  # (B, S, E)
+        if emb.device.type == "cpu" and not self.training and not torch.is_grad_enabled():
+            out, summary = self._cpu_inference_layers(emb, src_lengths, src_mask)
+            return EncoderOutput(outputs=out, mask=src_mask, summary=summary)
         if emb.device.type == "cpu":
             out, summary = self._cpu_layers(emb, src_mask)
             return EncoderOutput(outputs=self.dropout(out), mask=src_mask, summary=summary)
@@ -58,3 +61,40 @@ class Encoder(nn.Module):
             w_hh = torch.stack([getattr(rnn, "weight_hh" + fwd), getattr(rnn, "weight_hh" + bwd)])
             x, h_last = bidirectional_layer(x, mask, w_ih, bias, w_hh)
         return x, torch.cat([h_last[0], h_last[1]], dim=-1)
+
+    def _cpu_inference_layers(self, x: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference on the CPU: each direction as one oneDNN LSTM call over the padded batch,
+        about three times faster than the step loop (which training needs for its backward).
+
+        Padding must never enter a recurrence. It comes after each sentence, so the forward
+        direction reads real tokens first and its outputs there are exact; the backward direction
+        runs forward over every sentence reversed in place (padding still at the end), and its
+        outputs are reversed back. Each direction's final state is its output at the sentence's
+        last position read."""
+        steps = x.size(1)
+        t = torch.arange(steps, device=x.device)
+        last = (lengths.to(x.device) - 1).clamp(min=0)  # position of the last real token
+        # per sentence: position len-1-t for the real tokens, padding where it is (an involution)
+        flip = torch.where(t < lengths.to(x.device).unsqueeze(1), last.unsqueeze(1) - t, t)  # (B, S)
+        rows = torch.arange(x.size(0), device=x.device)
+        keep = mask.unsqueeze(-1)
+        rnn = self.rnn
+        for k in range(rnn.num_layers):
+            fwd = self._direction(x, f"_l{k}")
+            bwd = self._direction(x.gather(1, flip.unsqueeze(-1).expand_as(x)), f"_l{k}_reverse")
+            summary = torch.cat([fwd[rows, last], bwd[rows, last]], dim=-1).float()  # as the step loop gives
+            bwd = bwd.gather(1, flip.unsqueeze(-1).expand_as(bwd))
+            x = torch.cat([fwd, bwd], dim=-1) * keep  # zero at padding, as the packed path gives
+        return x, summary
+
+    def _direction(self, x: torch.Tensor, suffix: str) -> torch.Tensor:
+        """One direction of one layer, read left to right over (B, S, I): outputs (B, S, H)."""
+        rnn = self.rnn
+        weights = [getattr(rnn, name + suffix) for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        zeros = x.new_zeros(1, x.size(0), rnn.hidden_size)
+        # the call nn.LSTM makes, here with one direction's parameters (nn.LSTM has no public way
+        # to run one direction of a bidirectional module)
+        out, _, _ = torch._VF.lstm(x, (zeros, zeros), weights, True, 1, 0.0, False, False, True)
+        return out
+

@@ -75,6 +75,38 @@ def test_bf16_autocast_stays_close_to_float32_and_returns_bf16_outputs():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in enc.rnn.parameters())
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_inference_path_equals_packed_nn_lstm_and_ignores_the_batch(layers):
+    """Evaluation without autograd runs each direction as one nn.LSTM call over the padded batch,
+    the backward one over sentences reversed in place: same outputs, summary and zero padding."""
+    enc, src, lengths, mask = _encoder(layers, seed=3)
+    enc.eval()
+    with torch.no_grad():
+        ours = enc(src, lengths, mask)
+        ref_out, ref_summary = _reference(enc, src, lengths)
+        torch.testing.assert_close(ours.outputs, ref_out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.summary, ref_summary, rtol=1e-5, atol=1e-6)
+        assert not ours.outputs[~mask].any()
+        for i, n in enumerate(LENGTHS):
+            alone = enc(src[i: i + 1, :n], lengths[i: i + 1], mask[i: i + 1, :n])
+            torch.testing.assert_close(alone.outputs[0], ours.outputs[i, :n], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(alone.summary[0], ours.summary[i], rtol=1e-5, atol=1e-6)
+
+
+def test_inference_path_under_bf16_autocast_stays_close_and_matches_the_training_dtypes():
+    enc, src, lengths, mask = _encoder(2, seed=4)
+    enc.eval()
+    with torch.no_grad():
+        full = enc(src, lengths, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = enc(src, lengths, mask)
+            stepped = enc.train()(src, lengths, mask)  # the step loop, for the dtypes
+    assert half.outputs.dtype == stepped.outputs.dtype == torch.bfloat16
+    assert half.summary.dtype == stepped.summary.dtype == torch.float32
+    torch.testing.assert_close(half.outputs.float(), full.outputs, rtol=0.05, atol=0.02)
+    torch.testing.assert_close(half.summary, full.summary, rtol=0.05, atol=0.02)
+
+
 def test_lstm_cell_function_matches_the_elementwise_formula_and_its_gradients():
     from seq2seq.lstm import lstm_cell
 
