@@ -29,9 +29,12 @@ def pad_rows(x: torch.Tensor, multiple: int = ROW_MULTIPLE) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((extra, *x.shape[1:]))])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``nn.functional.linear`` over (..., in) with the flattened rows padded (see above)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           multiple: int | None = None) -> torch.Tensor:
+    """``nn.functional.linear`` over (..., in) with the flattened rows padded (see above) to a
+    multiple of ``multiple`` (default: ROW_MULTIPLE, or SMALL_MULTIPLE for a small batch)."""
     rows = x.reshape(-1, x.size(-1))
-    multiple = ROW_MULTIPLE if rows.size(0) > ROW_MULTIPLE else SMALL_MULTIPLE
+    if multiple is None:
+        multiple = ROW_MULTIPLE if rows.size(0) > ROW_MULTIPLE else SMALL_MULTIPLE
     out = torch.nn.functional.linear(pad_rows(rows, multiple), weight, bias)
     return out[: rows.size(0)].view(*x.shape[:-1], out.size(-1))
