@@ -51,8 +51,8 @@ def check_search_config(cfg: SearchConfig) -> None:
         raise ConfigError(f"search.length_penalty must be a finite number (got {cfg.length_penalty})")
 
 
-def length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:
-    return ((5.0 + length.float()) / 6.0) ** alpha
+def length_penalty(length: torch.Tensor | int, alpha: float) -> torch.Tensor | float:
+    return ((5.0 + length) / 6.0) ** alpha
 
 
 SOURCE_MULTIPLE = 8  # source width of a search batch rounded up to this (fewer matmul shapes)
@@ -158,13 +158,14 @@ def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512,
     done = torch.zeros(b, dtype=torch.bool, device=device)
     prev = torch.full((b * k,), BOS_ID, dtype=torch.long, device=device)
     first_cap = int(limits.min())  # known on the host: no per-step check until a sentence reaches it
+    n_cand = min(2 * k, k * model.output_layer.out_features)
+    in_beam = torch.arange(n_cand, device=device) < k
 
     for t in range(steps):
         n = sent.numel()
         out = model.decode_step(prev, state, memory, step_weights)
         at_cap = ((t + 1) >= limits).repeat_interleave(k) if t + 1 >= first_cap else None
         v = out.logits.size(-1)
-        n_cand = min(2 * k, k * v)
         top_scores, top_idx = beam_candidates(out.logits, scores, at_cap, n_cand)  # (N, 2K) of the K*V
         top_beam = torch.div(top_idx, v, rounding_mode="floor")
         top_tok = top_idx % v
@@ -174,10 +175,8 @@ def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512,
         # EOS among the K best candidates may finish a hypothesis (as in fairseq): the extra K
         # candidates exist to refill the beam, and letting a runner-up EOS finish would make beam
         # size 1 differ from greedy decoding.
-        in_beam = torch.arange(n_cand, device=device) < k
         new_fin = torch.where(is_eos & in_beam & ~done.unsqueeze(1),
-                              top_scores / length_penalty(torch.tensor(t + 1), cfg.length_penalty),
-                              torch.tensor(float("-inf"), device=device))
+                              top_scores / length_penalty(t + 1, cfg.length_penalty), float("-inf"))
         pool_scores = torch.cat([fin_scores, new_fin], dim=1)  # (N, K + 2K)
         fin_scores, pick = pool_scores.topk(k, dim=-1)
         cand_hist = torch.gather(history, 1, top_beam.unsqueeze(-1).expand(-1, -1, t))  # (N, 2K, t)
