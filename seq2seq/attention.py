@@ -57,9 +57,10 @@ class AttentionResult(NamedTuple):
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis of (B, T, S) scores with padded positions at exactly zero."""
-    scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
-    return torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+    """Softmax over the last axis of (B, T, S) scores with padded positions at exactly zero,
+    computed and returned in float32 (the matmul that reads them casts them as it needs; every
+    op less counts in the step loop)."""
+    return torch.softmax(scores.masked_fill(~mask.unsqueeze(1), float("-inf")), dim=-1, dtype=torch.float32)
 
 
 class Attention(nn.Module):
