@@ -48,6 +48,11 @@ def test_padding_outputs_are_zero_and_a_sentence_does_not_depend_on_its_batch():
     enc, src, lengths, mask = _encoder(2)
     batch = enc(src, lengths, mask)
     assert not batch.outputs[~mask].any()
+    _assert_each_sentence_alone_gives_the_same(enc, src, lengths, mask, batch)
+
+
+def _assert_each_sentence_alone_gives_the_same(enc: Encoder, src: torch.Tensor, lengths: torch.Tensor,
+                                               mask: torch.Tensor, batch) -> None:
     for i, n in enumerate(LENGTHS):
         alone = enc(src[i: i + 1, :n], lengths[i: i + 1], mask[i: i + 1, :n])
         torch.testing.assert_close(alone.outputs[0], batch.outputs[i, :n], rtol=1e-5, atol=1e-6)
@@ -87,10 +92,7 @@ def test_inference_path_equals_packed_nn_lstm_and_ignores_the_batch(layers):
         torch.testing.assert_close(ours.outputs, ref_out, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ours.summary, ref_summary, rtol=1e-5, atol=1e-6)
         assert not ours.outputs[~mask].any()
-        for i, n in enumerate(LENGTHS):
-            alone = enc(src[i: i + 1, :n], lengths[i: i + 1], mask[i: i + 1, :n])
-            torch.testing.assert_close(alone.outputs[0], ours.outputs[i, :n], rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(alone.summary[0], ours.summary[i], rtol=1e-5, atol=1e-6)
+        _assert_each_sentence_alone_gives_the_same(enc, src, lengths, mask, ours)
 
 
 def test_inference_path_under_bf16_autocast_stays_close_and_matches_the_training_dtypes():
