@@ -241,7 +241,8 @@ class Decoder(nn.Module):
         gold_gates = self._embedding_gates(self.dropout(self.embedding(tgt_in))).unbind(1)  # T x (B, 4H)
         outs, contexts, feeds, attn, logits = [], [], [], [], []
         weights_t = self.step_weights()
-        memory = memory.for_steps(scored_keys=isinstance(self.attention, MultiplicativeAttention))
+        if not self.attention.query_free:  # no attention reads only the summary: nothing to share
+            memory = memory.for_steps(scored_keys=isinstance(self.attention, MultiplicativeAttention))
         for t in range(steps):
             gates0 = gold_gates[t]
             if sampling and t > 0:
