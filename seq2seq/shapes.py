@@ -29,6 +29,16 @@ def pad_rows(x: torch.Tensor, multiple: int = ROW_MULTIPLE) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((extra, *x.shape[1:]))])
 
 
+def pad_batched(x: torch.Tensor, multiple: int = SMALL_MULTIPLE) -> torch.Tensor:
+    """``x`` (B, N, M) with N and M zero-padded up to multiples of ``multiple`` (CPU only): a
+    batched matmul over a training batch's target length T and source length S would otherwise
+    meet a new (T, S) pair, and build a new kernel, at most updates."""
+    rows, cols = (padded_size(n, multiple) - n for n in x.shape[1:])
+    if not (rows or cols) or x.device.type != "cpu":
+        return x
+    return torch.nn.functional.pad(x, (0, cols, 0, rows))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            multiple: int | None = None) -> torch.Tensor:
     """``nn.functional.linear`` over (..., in) with the flattened rows padded (see above) to a

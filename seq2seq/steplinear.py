@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from seq2seq.shapes import pad_rows
+from seq2seq.shapes import pad_batched, pad_rows
 
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -96,8 +96,10 @@ class _CastOnce(torch.autograd.Function):
         if inputs[0].dim() == 2:
             # (T*B, in) and (T*B, out), rows padded with zeros so the shapes repeat (seq2seq/shapes.py)
             grad = pad_rows(torch.cat(grads)).t().mm(pad_rows(torch.cat(inputs)))
-        else:  # batched: (B, T*n, out)^T @ (B, T*n, in)
-            grad = torch.cat(grads, dim=1).mT.bmm(torch.cat(inputs, dim=1))
+        else:  # batched: (B, T*n, out)^T @ (B, T*n, in), all three sizes padded (as above)
+            out, inp = grads[0].size(-1), inputs[0].size(-1)
+            grad = pad_batched(torch.cat(grads, dim=1)).mT.bmm(pad_batched(torch.cat(inputs, dim=1)))
+            grad = grad[:, :out, :inp]
         return (None, None, *grad.to(ctx.weight_dtype).split(ctx.widths, dim=-1))
 
 

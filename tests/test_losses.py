@@ -7,7 +7,7 @@ import torch
 
 from seq2seq import losses
 from seq2seq.losses import cross_entropy
-from seq2seq.shapes import pad_rows
+from seq2seq.shapes import pad_batched, pad_rows
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -52,6 +52,15 @@ def test_pad_rows_rounds_up_with_zero_rows(rows):
     padded = pad_rows(x, 8)
     assert padded.size(0) == -(-rows // 8) * 8
     assert torch.equal(padded[:rows], x) and not padded[rows:].any()
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(1, 8), (8, 5), (13, 17), (16, 16)])
+def test_pad_batched_rounds_both_inner_axes_up_with_zeros(rows, cols):
+    x = torch.randn(2, rows, cols)
+    padded = pad_batched(x, 8)
+    assert padded.shape == (2, -(-rows // 8) * 8, -(-cols // 8) * 8)
+    assert torch.equal(padded[:, :rows, :cols], x)
+    assert torch.count_nonzero(padded) == torch.count_nonzero(x)  # everything added is zero
 
 
 def test_padding_rows_are_left_out_of_the_loss_and_get_no_gradient(monkeypatch):
