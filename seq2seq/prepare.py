@@ -13,6 +13,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, disable_progress_bars
 
+from seq2seq.batching import TokenIds
 from seq2seq.cleaning import clean_corpus, fingerprint
 from seq2seq.config import DataConfig, TokenizerConfig
 from seq2seq.corpus import load_corpus
@@ -38,6 +39,13 @@ class PreparedData:
     @property
     def valid(self) -> Dataset:
         return self.splits[self.valid_split]
+
+
+def token_ids(ds: Dataset, column: str) -> TokenIds:
+    """A token-id column as flat arrays (read through Arrow, no Python list per sentence)."""
+    array = ds.select_columns([column]).with_format("arrow")[:].column(column).combine_chunks()
+    offsets = array.offsets.to_numpy()
+    return TokenIds(array.flatten().to_numpy(), offsets - offsets[0])
 
 
 def _tokenize(ds: Dataset, tokenizer: Tokenizer, cache_file: Path) -> Dataset:

@@ -37,7 +37,7 @@ from seq2seq.losses import cross_entropy, output_cross_entropy
 from seq2seq.metrics import corpus_score
 from seq2seq.model import Seq2Seq, build_model, count_parameters
 from seq2seq.optim import build_optimizer, build_scheduler
-from seq2seq.prepare import PreparedData
+from seq2seq.prepare import PreparedData, token_ids
 from seq2seq.rng import rng_state, seed_everything, set_rng_state
 from seq2seq.search import check_search_config, translate_ids
 from seq2seq.shapes import pad_rows
@@ -186,10 +186,9 @@ class Trainer:
         self.model: Seq2Seq = build_model(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, PAD_ID).to(self.device)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        ids = data.train.select_columns(["src_ids", "tgt_ids"])[:]  # plain lists: fast indexing
-        self.train_src: list[list[int]] = ids["src_ids"]
-        self.train_tgt: list[list[int]] = ids["tgt_ids"]
-        self.sampler = TokenBatchSampler([len(s) for s in self.train_src], [len(t) for t in self.train_tgt],
+        self.train_src = token_ids(data.train, "src_ids")
+        self.train_tgt = token_ids(data.train, "tgt_ids")
+        self.sampler = TokenBatchSampler(self.train_src.lengths(), self.train_tgt.lengths(),
                                          cfg.trainer.max_tokens, cfg.trainer.max_sentences, cfg.seed)
         self.batches_per_epoch = len(self.sampler)
         self.progress = Progress()

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from seq2seq.batching import Batch, TokenBatchSampler, collate
+from seq2seq.batching import Batch, TokenBatchSampler, TokenIds, collate
 from seq2seq.config import TokenizerConfig, TrainerConfig
-from seq2seq.prepare import prepare_data
+from seq2seq.prepare import prepare_data, token_ids
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
@@ -171,6 +171,31 @@ def test_collate(seed: int):
     assert torch.equal(batch.tgt_mask, batch.tgt_out != PAD_ID)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_token_ids_hold_the_same_sequences_and_collate_alike(seed: int):
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(4, 100, size=rng.integers(0, 9)).tolist() for _ in range(30)]
+    ids = TokenIds.from_lists(seqs)
+    assert len(ids) == 30 and ids.lengths().tolist() == [len(s) for s in seqs]
+    assert [ids[i].tolist() for i in range(30)] == seqs
+    pick = rng.permutation(30)[:8].tolist()
+    from_arrays = collate([ids[i] for i in pick], [ids[i] for i in reversed(pick)], pick)
+    from_lists = collate([seqs[i] for i in pick], [seqs[i] for i in reversed(pick)], pick)
+    assert all(torch.equal(a, b) for a, b in zip(from_arrays, from_lists))
+
+
+def test_token_ids_reject_offsets_that_do_not_cover_the_values():
+    with pytest.raises(ValueError, match="offsets"):
+        TokenIds(np.arange(5), np.array([0, 2, 4]))
+
+
+def test_collate_of_empty_sequences_is_all_eos():
+    batch = collate([[], []], [[], [9]], [0, 1])
+    assert batch.src.tolist() == [[EOS_ID], [EOS_ID]]
+    assert batch.tgt_in.tolist() == [[BOS_ID, PAD_ID], [BOS_ID, 9]]
+    assert batch.tgt_out.tolist() == [[EOS_ID, PAD_ID], [9, EOS_ID]]
+
+
 def test_collate_without_targets():
     batch = collate([[5, 6], [7]], None, [0, 1])
     assert batch.tgt_in.tolist() == [[BOS_ID], [BOS_ID]]
@@ -206,6 +231,10 @@ def test_padding_on_multi30k(multi30k: Path, make_data_cfg, tmp_path: Path):
     train = prepared.train
     src = [len(x) for x in train["src_ids"]]
     tgt = [len(x) for x in train["tgt_ids"]]
+    flat = token_ids(train, "src_ids")  # the trainer's view of the same column
+    assert flat.lengths().tolist() == src
+    assert [flat[i].tolist() for i in (0, len(src) // 2, len(src) - 1)] == [
+        train[i]["src_ids"] for i in (0, len(src) // 2, len(src) - 1)]
     trainer = TrainerConfig()
     assert trainer.max_tokens == 4096
     sampler = TokenBatchSampler(src, tgt, max_tokens=trainer.max_tokens, max_sentences=trainer.max_sentences,
