@@ -245,8 +245,12 @@ class Trainer:
             self.model.load_state_dict(payload["model"])
         except RuntimeError as err:
             raise RunDirError(f"{path}: does not match the model config ({str(err).splitlines()[0]})") from None
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.scheduler.load_state_dict(payload["scheduler"])
+        try:
+            self.optimizer.load_state_dict(payload["optimizer"])
+            self.scheduler.load_state_dict(payload["scheduler"])
+        except (KeyError, ValueError) as err:
+            raise RunDirError(f"{path}: its optimizer or schedule state does not fit this config ({err}); "
+                              "resume with the run's own config, or start a new run") from None
         self.progress = Progress(**payload["progress"])
         set_rng_state(payload["rng"])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.progress.step,
@@ -293,8 +297,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(loss_value, norm_value, skipped=SKIPPED_NONFINITE)
         self.optimizer.step()
-        if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step()
+        self.scheduler.after_update()
         return StepResult(loss_value, norm_value)
 
     # ------------------------------------------------------------------ validation
@@ -352,8 +355,7 @@ class Trainer:
         """Bookkeeping after a validation; returns True when early stopping triggers."""
         p = self.progress
         bleu = metrics["valid/bleu"]
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(bleu)
+        self.scheduler.after_validation(bleu)
         improved = bleu > p.best_bleu
         if improved:
             p.best_bleu, p.best_step, p.bad_validations = bleu, p.step, 0
@@ -417,7 +419,7 @@ class Trainer:
         p, cfg = self.progress, self.cfg
         loss = p.window_loss / p.window_tokens
         stats = {"train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)),
-                 "train/lr": self.optimizer.param_groups[0]["lr"],
+                 "train/lr": self.optimizer.lr,
                  "train/grad_norm": p.window_norm / p.window_steps,
                  "train/tokens_per_s": p.window_tokens / max(elapsed, 1e-9),
                  "train/teacher_forcing": teacher_forcing_ratio(cfg, p.step)}

@@ -1,0 +1,153 @@
+"""Our Adam/AdamW and learning-rate schedules against torch.optim's, step for step, and their
+state dicts in both directions (checkpoints written with torch.optim still resume)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from seq2seq.optim import Adam, PlateauSchedule, StepSchedule
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*shape, generator=g)) for shape in ((5, 3), (7,), (2, 2, 4))]
+
+
+def _grads(params: list[torch.nn.Parameter], step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=g) for p in params]
+
+
+def _run(opt, params, steps: range, skip: int | None = None) -> None:
+    for t in steps:
+        for i, (p, grad) in enumerate(zip(params, _grads(params, t))):
+            p.grad = None if i == skip and t % 2 else grad.clone()  # one tensor without grad at odd steps
+        opt.step()
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("fused", [True, False])
+def test_adam_matches_torch_optim(decoupled: bool, weight_decay: float, fused: bool):
+    ours, theirs = _params(), _params()
+    opt = Adam(ours, lr=0.01, betas=(0.8, 0.95), weight_decay=weight_decay, decoupled=decoupled)
+    opt.fused = fused  # False: the one-tensor-at-a-time path
+    reference = (torch.optim.AdamW if decoupled else torch.optim.Adam)(
+        theirs, lr=0.01, betas=(0.8, 0.95), weight_decay=weight_decay, foreach=False)
+    _run(opt, ours, range(6), skip=1)
+    _run(reference, theirs, range(6), skip=1)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for p, state in zip(theirs, opt.state):
+        assert float(state["step"]) == float(reference.state[p]["step"])
+
+
+def test_zero_grad_and_no_grads_are_no_ops():
+    params = _params()
+    before = [p.detach().clone() for p in params]
+    opt = Adam(params, lr=0.1)
+    opt.step()  # nothing has a gradient yet
+    assert all(torch.equal(a, b) for a, b in zip(params, before)) and not opt.state_dict()["state"]
+    params[0].grad = torch.ones_like(params[0])
+    opt.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in params)
+
+
+@pytest.mark.parametrize("source", ["ours", "torch"])
+def test_state_dict_resumes_exactly(source: str):
+    """Three steps, a state dict (ours, or torch.optim's as older checkpoints hold), three more
+    steps in a fresh optimizer: the same parameters as six steps without a break."""
+    straight = _params()
+    opt = Adam(straight, lr=0.01, weight_decay=0.01)
+    _run(opt, straight, range(6))
+
+    first = _params()
+    if source == "ours":
+        writer = Adam(first, lr=0.01, weight_decay=0.01)
+    else:
+        writer = torch.optim.Adam(first, lr=0.01, weight_decay=0.01, foreach=False)
+    _run(writer, first, range(3))
+    saved = writer.state_dict()
+    resumed = _params()
+    with torch.no_grad():
+        for p, q in zip(resumed, first):
+            p.copy_(q)
+    reader = Adam(resumed, lr=0.5)  # the settings come from the state dict
+    reader.load_state_dict(saved)
+    assert (reader.lr, reader.weight_decay) == (0.01, 0.01)
+    _run(reader, resumed, range(3, 6))
+    for a, b in zip(resumed, straight):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # and ours loads into torch.optim
+    if source == "ours":
+        torch.optim.Adam(_params(), lr=0.01).load_state_dict(saved)
+
+
+def test_state_dict_for_another_model_is_refused():
+    opt = Adam(_params(), lr=0.01)
+    _run(opt, opt.params, range(1))
+    other = Adam(_params()[:2], lr=0.01)
+    with pytest.raises(ValueError, match="3 parameters"):
+        other.load_state_dict(opt.state_dict())
+    wrong = Adam([torch.nn.Parameter(torch.zeros(3, 5)), *_params()[1:]], lr=0.01)
+    with pytest.raises(ValueError, match="shape"):
+        wrong.load_state_dict(opt.state_dict())
+
+
+def _factor(step: int) -> float:
+    return max(0.1, min((step + 1) / 4, math.sqrt(4 / (step + 1))))
+
+
+def test_step_schedule_matches_lambda_lr_and_resumes():
+    opt = Adam(_params(), lr=0.02)
+    reference_opt = torch.optim.Adam(_params(), lr=0.02)
+    schedule = StepSchedule(opt, _factor)
+    reference = torch.optim.lr_scheduler.LambdaLR(reference_opt, _factor)
+    lrs, expected = [opt.lr], [reference_opt.param_groups[0]["lr"]]
+    for _ in range(12):
+        schedule.after_update()
+        schedule.after_validation(1.0)  # no effect on a per-update schedule
+        reference_opt.step()
+        reference.step()
+        lrs.append(opt.lr)
+        expected.append(reference_opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    for saved in (schedule.state_dict(), reference.state_dict()):
+        fresh_opt = Adam(_params(), lr=0.02)
+        fresh = StepSchedule(fresh_opt, _factor)
+        fresh.load_state_dict(saved)
+        assert fresh_opt.lr == pytest.approx(opt.lr, rel=1e-12) and fresh.last_epoch == 12
+
+
+def test_plateau_schedule_matches_reduce_lr_on_plateau():
+    bleus = [10.0, 12.0, 12.0, 11.0, 12.0005, 9.0, 13.0, 13.0, 13.0, 13.0, 13.0, 13.0, 13.0, 13.0, 13.0]
+    opt = Adam(_params(), lr=0.01)
+    reference_opt = torch.optim.Adam(_params(), lr=0.01)
+    schedule = PlateauSchedule(opt, factor=0.5, patience=1, min_lr=0.002)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(reference_opt, mode="max", factor=0.5, patience=1,
+                                                           min_lr=0.002)
+    for i, bleu in enumerate(bleus):
+        schedule.after_update()  # no effect on a per-validation schedule
+        schedule.after_validation(bleu)
+        reference.step(bleu)
+        assert opt.lr == pytest.approx(reference_opt.param_groups[0]["lr"]), f"validation {i}"
+    assert opt.lr == pytest.approx(0.002)  # the floor was reached
+    fresh = PlateauSchedule(Adam(_params(), lr=0.01), factor=0.5, patience=1, min_lr=0.002)
+    fresh.load_state_dict(reference.state_dict())
+    assert (fresh.best, fresh.num_bad_epochs) == (schedule.best, schedule.num_bad_epochs)
+
+
+def test_building_the_trainer_optimizer_does_not_import_dynamo():
+    """The point of not using torch.optim: no TorchDynamo import (tens of MB, a second)."""
+    code = ("import sys, torch\n"
+            "from seq2seq.optim import Adam, StepSchedule\n"
+            "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
+            "opt = Adam([p], lr=0.1); StepSchedule(opt, lambda _: 1.0).after_update(); opt.step()\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
