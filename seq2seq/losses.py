@@ -13,8 +13,8 @@ rows are padding, left out of the loss and given a zero gradient.
 
 ``output_cross_entropy`` also does the output layer, chunk by chunk: every matmul then has one of
 two shapes (so oneDNN's per-shape kernels are built once per run), the bias is added in float32
-(no (N, V) broadcast copy of it), and no (N, V) tensor is allocated but the saved logits and their
-gradient. Same loss and gradients as the output layer followed by ``cross_entropy``.
+(no (N, V) broadcast copy of it), and no (N, V) tensor is allocated but the saved logits, which
+backward overwrites with their gradient. Same loss and gradients as the output layer followed by ``cross_entropy``.
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ class _OutputCrossEntropy(torch.autograd.Function):
             lse[start: start + x.size(0)], chunk_total = _chunk_loss(x, target[start: start + x.size(0)], smoothing)
             total += chunk_total
         ctx.save_for_backward(h, w, logits, target, lse)
+        ctx.used = False
         ctx.bias = b
         ctx.smoothing = smoothing
         ctx.dtypes = (hidden.dtype, weight.dtype)
@@ -112,10 +113,15 @@ class _OutputCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, None, None, None]:
+        if ctx.used:
+            raise RuntimeError("output_cross_entropy's backward ran twice (retain_graph): it is single-use")
+        ctx.used = True
         h, w, logits, target, lse = ctx.saved_tensors
         n, rows = target.numel(), h.size(0)
         scale = grad.float() / max(n, 1)
-        grad_logits = torch.empty_like(logits)
+        # The gradient overwrites the saved logits chunk by chunk (each chunk is read before it is
+        # written): no second (N, V) tensor, the largest of a step, at the peak of memory.
+        grad_logits = logits
         grad_logits[n:] = 0  # padding rows
         grad_h = torch.empty_like(h)
         grad_b = torch.zeros(w.size(0), dtype=torch.float32, device=h.device) if ctx.bias is not None else None

@@ -129,3 +129,14 @@ def test_output_cross_entropy_under_bf16_autocast_is_close_to_float32():
     reference = torch.nn.functional.cross_entropy(layer(hidden), target)
     torch.testing.assert_close(half, reference, rtol=0.02, atol=0.02)
     assert layer.weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+
+
+def test_output_cross_entropy_backward_is_single_use():
+    """Backward writes the gradient over the saved logits; a second backward must refuse, not
+    return a wrong gradient."""
+    hidden = torch.randn(8, 5, requires_grad=True)
+    weight = torch.randn(9, 5, requires_grad=True)
+    loss = losses.output_cross_entropy(hidden, weight, None, torch.randint(0, 9, (8,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="single-use"):
+        loss.backward()
