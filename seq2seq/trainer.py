@@ -36,7 +36,7 @@ from seq2seq.errors import ConfigError, RunDirError, TrainingError
 from seq2seq.losses import cross_entropy, output_cross_entropy
 from seq2seq.metrics import corpus_score
 from seq2seq.model import Seq2Seq, build_model, count_parameters
-from seq2seq.optim import build_optimizer, build_scheduler
+from seq2seq.optim import build_optimizer, build_scheduler, clip_scale, gradient_norm
 from seq2seq.prepare import PreparedData, token_ids
 from seq2seq.rng import rng_state, seed_everything, set_rng_state
 from seq2seq.search import check_search_config, translate_ids
@@ -291,12 +291,13 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             return StepResult(skipped=SKIPPED_OOM)
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_norm)
+        # Clipping happens inside the optimizer's kernel (grad_scale): one pass over the gradients less.
+        grad_norm = gradient_norm(self.model.parameters())
         loss_value, norm_value = float(loss.detach()), float(grad_norm)
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(loss_value, norm_value, skipped=SKIPPED_NONFINITE)
-        self.optimizer.step()
+        self.optimizer.step(grad_scale=clip_scale(grad_norm, self.cfg.optim.clip_norm))
         self.scheduler.after_update()
         return StepResult(loss_value, norm_value)
 

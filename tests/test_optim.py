@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from seq2seq.optim import Adam, PlateauSchedule, StepSchedule
+from seq2seq.optim import Adam, PlateauSchedule, StepSchedule, clip_scale, gradient_norm
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -45,6 +45,34 @@ def test_adam_matches_torch_optim(decoupled: bool, weight_decay: float, fused: b
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     for p, state in zip(theirs, opt.state):
         assert float(state["step"]) == float(reference.state[p]["step"])
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])  # clipped, and left alone
+@pytest.mark.parametrize("fused", [True, False])
+def test_clipping_inside_the_step_matches_clip_grad_norm(max_norm: float, fused: bool):
+    ours, theirs = _params(), _params()
+    opt = Adam(ours, lr=0.01, weight_decay=0.01)
+    opt.fused = fused
+    reference = torch.optim.Adam(theirs, lr=0.01, weight_decay=0.01, foreach=False)
+    for t in range(4):
+        for a, b, grad in zip(ours, theirs, _grads(ours, t)):
+            a.grad, b.grad = grad * 3, grad * 3
+        norm = gradient_norm(ours)
+        expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+        torch.testing.assert_close(norm, expected)
+        opt.step(grad_scale=clip_scale(norm, max_norm))
+        reference.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_gradient_norm_skips_missing_grads_and_shows_non_finite():
+    params = _params()
+    assert float(gradient_norm(params)) == 0.0
+    params[1].grad = torch.full((7,), 2.0)
+    assert float(gradient_norm(params)) == pytest.approx(math.sqrt(7 * 4))
+    params[0].grad = torch.full((5, 3), float("nan"))
+    assert not math.isfinite(float(gradient_norm(params)))
 
 
 def test_zero_grad_and_no_grads_are_no_ops():
