@@ -10,7 +10,7 @@ import torch
 from conftest import smoke_config
 
 from seq2seq.config import TeacherForcingSchedule
-from seq2seq.errors import ConfigError, TrainingError
+from seq2seq.errors import ConfigError, RunDirError, TrainingError
 from seq2seq.trainer import Trainer, check_trainer_config, teacher_forcing_ratio
 
 
@@ -50,6 +50,20 @@ def test_resume_continues_exactly(prepared, tmp_path: Path) -> None:
     assert second.progress.step == 36 and second.progress.epoch == 1
     assert len(expected) == 36
     assert got + rest == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_resume_with_optimizer_state_of_another_schedule_is_refused_by_name(prepared, tmp_path: Path) -> None:
+    """A checkpoint whose schedule state does not fit (the config switched from plateau to a
+    per-update schedule between runs) stops with one line naming the checkpoint, not a KeyError."""
+    cache, data = prepared
+    first = Trainer(smoke_config(cache, "trainer.max_steps=2", "trainer.patience=0", "optim.scheduler=plateau"),
+                    data, tmp_path / "run")
+    first.fit()
+    switched = Trainer(smoke_config(cache, "trainer.max_steps=4", "optim.scheduler=warmup_decay"),
+                       data, tmp_path / "run")
+    with pytest.raises(RunDirError, match=r"last\.pt|step-2\.pt") as err:
+        switched.restore()
+    assert "schedule state does not fit" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_signal_saves_last_and_stops(prepared, tmp_path: Path) -> None:
