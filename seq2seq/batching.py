@@ -48,12 +48,6 @@ class TokenIds(Sequence[np.ndarray]):
         self.values = values
         self.offsets = offsets.astype(np.int64, copy=False)
 
-    @classmethod
-    def from_lists(cls, seqs: Sequence[Sequence[int]]) -> TokenIds:
-        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-        values = np.fromiter((t for s in seqs for t in s), dtype=np.int64, count=int(lengths.sum()))
-        return cls(values, np.concatenate([[0], np.cumsum(lengths)]))
-
     def __len__(self) -> int:
         return len(self.offsets) - 1
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 
 from seq2seq.batching import Batch, TokenBatchSampler, TokenIds, collate
 from seq2seq.config import TokenizerConfig, TrainerConfig
@@ -175,7 +176,9 @@ def test_collate(seed: int):
 def test_token_ids_hold_the_same_sequences_and_collate_alike(seed: int):
     rng = np.random.default_rng(seed)
     seqs = [rng.integers(4, 100, size=rng.integers(0, 9)).tolist() for _ in range(30)]
-    ids = TokenIds.from_lists(seqs)
+    pairs = Dataset.from_dict({"ids": seqs}).select(rng.permutation(30))  # an indices mapping, as after a shuffle
+    seqs = [pairs[i]["ids"] for i in range(30)]
+    ids = token_ids(pairs, "ids")
     assert len(ids) == 30 and ids.lengths().tolist() == [len(s) for s in seqs]
     assert [ids[i].tolist() for i in range(30)] == seqs
     pick = rng.permutation(30)[:8].tolist()
