@@ -14,7 +14,8 @@ rows are padding, left out of the loss and given a zero gradient.
 ``output_cross_entropy`` also does the output layer, chunk by chunk: every matmul then has one of
 two shapes (so oneDNN's per-shape kernels are built once per run), the bias is added in float32
 (no (N, V) broadcast copy of it), and no (N, V) tensor is allocated but the saved logits, which
-backward overwrites with their gradient. Same loss and gradients as the output layer followed by ``cross_entropy``.
+backward overwrites with their gradient. Same loss and gradients as the output layer followed by
+``cross_entropy``.
 """
 
 from __future__ import annotations
