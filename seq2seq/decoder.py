@@ -46,7 +46,7 @@ class StepWeights(NamedTuple):
     ih: list[SharedWeight]  # layers 1..: weight_ih_l<k>
     bias: list[torch.Tensor]  # layers 1..: both biases summed
     query: SharedWeight | None  # additive attention's query projection
-    combine: SharedWeight | None  # W_c, when h~ is fed back
+    combine: SharedWeight | None  # W_c, when h~ is fed back or with ``joint``
 
 
 class DecoderOutput(NamedTuple):
@@ -142,7 +142,9 @@ class Decoder(nn.Module):
             ih=[SharedWeight(getattr(rnn, f"weight_ih_l{k}")) for k in range(1, self.num_layers)],
             bias=[getattr(rnn, f"bias_ih_l{k}") + getattr(rnn, f"bias_hh_l{k}") for k in range(1, self.num_layers)],
             query=SharedWeight(self.attention.query_proj.weight) if additive else None,
-            combine=SharedWeight(self.combine.weight) if self.input_feeding else None,
+            # search forms h~ at every step either way; training without input feeding forms it
+            # for all steps at once after the loop
+            combine=SharedWeight(self.combine.weight) if self.input_feeding or joint else None,
         )
 
     def _rnn_step(self, word: torch.Tensor, extra: torch.Tensor | None, state: DecoderState, w: StepWeights
@@ -212,7 +214,7 @@ class Decoder(nn.Module):
         out, context, state, attention = self._step(emb, state, memory, weights)
         if self.input_feeding:
             return state.feed, state, attention
-        h_tilde = self._attentional(out, context)
+        h_tilde = self._attentional(out, context, weights.combine)
         return h_tilde, state._replace(feed=h_tilde), attention
 
     def forward_parallel(self, tgt_in: torch.Tensor, state: DecoderState, memory: AttentionMemory) -> DecoderOutput:

@@ -28,6 +28,7 @@ from seq2seq.config import AttentionType, LuongScore, ModelConfig
 from seq2seq.decoder import Decoder, DecoderOutput, DecoderState, StepWeights
 from seq2seq.encoder import Encoder
 from seq2seq.errors import ConfigError
+from seq2seq.steplinear import SharedWeight
 
 
 class EncodedSource(NamedTuple):
@@ -39,6 +40,13 @@ class StepOutput(NamedTuple):
     logits: torch.Tensor  # (B, V) float32
     state: DecoderState
     attention: torch.Tensor | None  # (B, S)
+
+
+class SearchWeights(NamedTuple):
+    """What a search applies at every step, prepared once per call (cast, and packed on the CPU)."""
+
+    decoder: StepWeights
+    output: SharedWeight  # the output layer's weight; its bias is added in float32
 
 
 class Seq2Seq(nn.Module):
@@ -54,24 +62,26 @@ class Seq2Seq(nn.Module):
         memory = self.decoder.attention.prepare(enc)  # key projections: once per batch
         return EncodedSource(memory=memory, state=self.decoder.init_state(enc.summary))
 
-    def step_weights(self) -> StepWeights:
-        """The decoder's per-step weights, prepared once (cast to the autocast dtype) for a search."""
-        return self.decoder.step_weights(joint=True)
+    def step_weights(self) -> SearchWeights:
+        """The per-step weights of a search, prepared once (cast to the autocast dtype, packed on the
+        CPU; see ``steplinear``). Make them inside the autocast region the search runs in."""
+        return SearchWeights(self.decoder.step_weights(joint=True), SharedWeight(self.output_layer.weight))
 
     def decode_step(self, prev_tokens: torch.Tensor, state: DecoderState, memory: AttentionMemory,
-                    weights: StepWeights | None = None) -> StepOutput:
+                    weights: SearchWeights | None = None) -> StepOutput:
         """One decoder step from the previous tokens (N,); the search functions' only entry.
         ``memory`` has N rows, or N / G rows each shared by G consecutive rows of the state (the
         beams of one sentence). ``weights`` from ``step_weights()`` saves re-preparing them at
         every step."""
+        weights = weights if weights is not None else self.step_weights()
         emb = self.decoder.embedding(prev_tokens)  # (B, E)
-        h_tilde, state, weights = self.decoder.step(emb, state, memory, weights)
+        h_tilde, state, attention = self.decoder.step(emb, state, memory, weights.decoder)
         # float32 logits, the bias added in float32 (a bf16 addmm would first copy the bias
         # into every row of its output); search's row counts are already few (multiples of 8
         # sentences), so no padding to ROW_MULTIPLE (20% more work at beam 5 x 64 sentences)
-        logits = shapes.linear(h_tilde, self.output_layer.weight, multiple=shapes.SMALL_MULTIPLE
-                               ).float().add_(self.output_layer.bias)
-        return StepOutput(logits=logits, state=state, attention=weights)
+        rows = h_tilde.size(0)
+        logits = weights.output(shapes.pad_rows(h_tilde, shapes.SMALL_MULTIPLE))[:rows]
+        return StepOutput(logits=logits.float().add_(self.output_layer.bias), state=state, attention=attention)
 
     def forward(self, batch: Batch, teacher_forcing: float = 1.0, force_steps: bool = False) -> DecoderOutput:
         """Teacher-forced pass. Returns attentional states; ``project`` turns them into logits.

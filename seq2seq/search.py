@@ -18,10 +18,9 @@ import torch
 
 from seq2seq.batching import Batch, collate
 from seq2seq.config import SearchConfig
-from seq2seq.decoder import StepWeights
 from seq2seq.errors import ConfigError
 from seq2seq.heap import retained_heap
-from seq2seq.model import Seq2Seq
+from seq2seq.model import SearchWeights, Seq2Seq
 from seq2seq.stepscores import beam_candidates, greedy_choice
 from seq2seq.tokenizer import BOS_ID, EOS_ID
 
@@ -80,7 +79,7 @@ def _kept_rows(finished: torch.Tensor, count: int) -> torch.Tensor:
 
 @torch.no_grad()
 def greedy_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512,
-                  keep_attention: bool = False, weights: StepWeights | None = None) -> list[Hypothesis]:
+                  keep_attention: bool = False, weights: SearchWeights | None = None) -> list[Hypothesis]:
     device = batch.src.device
     encoded = model.encode(batch.src, batch.src_lengths, batch.src_mask)
     state, memory = encoded.state, encoded.memory
@@ -130,7 +129,7 @@ def greedy_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 51
 
 @torch.no_grad()
 def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512,
-                weights: StepWeights | None = None) -> list[Hypothesis]:
+                weights: SearchWeights | None = None) -> list[Hypothesis]:
     k = cfg.beam_size
     device = batch.src.device
     b = batch.src.size(0)
@@ -228,7 +227,7 @@ def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512,
 
 
 def decode(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512,
-           keep_attention: bool = False, weights: StepWeights | None = None) -> list[Hypothesis]:
+           keep_attention: bool = False, weights: SearchWeights | None = None) -> list[Hypothesis]:
     """Greedy when ``beam_size`` is 1, beam search otherwise. ``weights``: the model's
     ``step_weights()``, made in the same autocast setting (made here when not given)."""
     if cfg.beam_size <= 1:

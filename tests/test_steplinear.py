@@ -1,12 +1,13 @@
 """SharedWeight: a weight (or several side by side) applied at many steps gets the gradient plain
-autograd would give it, in float32 and under bf16 autocast, and search uses it without autograd."""
+autograd would give it, in float32 and under bf16 autocast, and search uses it without autograd
+(with the weight packed for oneDNN on the CPU: the same products)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from seq2seq.steplinear import SharedWeight
+from seq2seq.steplinear import PackedLinear, SharedWeight, can_pack
 
 
 def _pieces(seed: int) -> list[torch.Tensor]:
@@ -66,7 +67,36 @@ def test_without_autograd_it_is_a_plain_matmul_of_the_joined_pieces():
     with torch.no_grad():
         shared = SharedWeight(*pieces)
         assert not shared.tracked
+        assert (shared.packed is not None) == torch.backends.mkldnn.is_available()
         torch.testing.assert_close(shared(x), x @ torch.cat(pieces, dim=1).t())
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a torch built without oneDNN packs nothing")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 8, 64, 130])
+def test_a_packed_weight_gives_the_plain_product(dtype, rows):
+    """Any row count (search compacts its batch; beams multiply it), 2-D and 3-D inputs, and an
+    input that is a view into a wider tensor (a slice of a concatenation)."""
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(40, 24, generator=g).to(dtype)
+    wide = torch.randn(rows, 30, generator=g).to(dtype)
+    x = wide[:, 3:27]
+    packed = PackedLinear(weight)
+    expected = (x.float() @ weight.float().t())
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.02}
+    got = packed(x)
+    assert got.dtype == dtype and got.shape == (rows, 40)
+    torch.testing.assert_close(got.float(), expected, **tol)
+    if rows % 2 == 0:
+        got3 = packed(x.reshape(2, rows // 2, 24))
+        torch.testing.assert_close(got3.reshape(rows, 40), got, atol=0, rtol=0)
+
+
+def test_only_fixed_cpu_matrices_of_matmul_dtypes_are_packed():
+    assert not can_pack(torch.randn(4, 3, requires_grad=True))  # training: gradients flow through it
+    assert not can_pack(torch.randn(2, 4, 3))  # the batched attention memory
+    assert not can_pack(torch.randn(4, 3, dtype=torch.float64))
+    assert can_pack(torch.randn(4, 3)) == torch.backends.mkldnn.is_available()
 
 
 def test_a_batched_weight_gets_the_gradient_of_per_step_bmm():
