@@ -33,7 +33,7 @@ def main() -> None:
     from seq2seq.config import SearchConfig
     from seq2seq.evaluation import find_checkpoint, load_model
     from seq2seq.pipeline import load_split
-    from seq2seq.search import translate_ids
+    from seq2seq.translate import translate_ids
 
     loaded = load_model(find_checkpoint(args.run_dir))
     cfg = loaded.cfg

@@ -18,10 +18,11 @@ from seq2seq.files import write_text_atomic
 from seq2seq.metrics import bleu_by_length, corpus_score
 from seq2seq.model import Seq2Seq, build_model
 from seq2seq.report import EvalReport, unique_dir, write_report
-from seq2seq.search import greedy_search, search_label, translate_ids
+from seq2seq.search import greedy_search, search_label
 from seq2seq.tokenizer import PAD_ID, Tokenizer
 from seq2seq.tracking import Tracker
 from seq2seq.trainer import autocast_dtype, resolve_device
+from seq2seq.translate import translate_ids
 
 log = logging.getLogger(__name__)
 

@@ -9,17 +9,14 @@ best length-normalised score, lp(n) = ((5 + n) / 6) ** alpha (Wu et al. 2016).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
-from seq2seq.batching import Batch, collate
+from seq2seq.batching import Batch
 from seq2seq.config import SearchConfig
 from seq2seq.errors import ConfigError
-from seq2seq.heap import retained_heap
 from seq2seq.model import SearchWeights, Seq2Seq
 from seq2seq.stepscores import beam_candidates, greedy_choice
 from seq2seq.tokenizer import BOS_ID, EOS_ID
@@ -58,7 +55,7 @@ SOURCE_MULTIPLE = 8  # source width of a search batch rounded up to this (fewer 
 ROW_MULTIPLE = 8  # decoded sentences are compacted to a multiple of this many
 
 
-def _compact_to(done: int, active: int) -> int:
+def compact_to(done: int, active: int) -> int:
     """How many of ``active`` decoded sentences to keep once ``done`` of them are finished:
     ``active`` (no compaction) until a quarter are finished, when the index_select of the state
     and memory costs less than the output layer and attention spent on finished rows. The count
@@ -70,7 +67,7 @@ def _compact_to(done: int, active: int) -> int:
     return min(active, -(-(active - done) // ROW_MULTIPLE) * ROW_MULTIPLE)
 
 
-def _kept_rows(finished: torch.Tensor, count: int) -> torch.Tensor:
+def kept_rows(finished: torch.Tensor, count: int) -> torch.Tensor:
     """Indices of ``count`` rows: every unfinished one first, then finished ones to fill up,
     in their original order."""
     order = torch.argsort(finished.to(torch.uint8), stable=True)  # unfinished (0) first
@@ -111,9 +108,9 @@ def greedy_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 51
         done = int(finished.sum())
         if done == rows.numel():
             break
-        count = _compact_to(done, rows.numel())
+        count = compact_to(done, rows.numel())
         if count < rows.numel():
-            keep = _kept_rows(finished, count)
+            keep = kept_rows(finished, count)
             rows, limit, prev, finished = rows[keep], limit[keep], prev[keep], finished[keep]
             first_cap = int(limit.min())
             state, memory = state.select(keep), memory.select(keep)
@@ -201,12 +198,12 @@ def beam_search(model: Seq2Seq, batch: Batch, cfg: SearchConfig, cap: int = 512,
         scores = alive_scores
         reorder = (torch.arange(n, device=device).unsqueeze(1) * k + beam).view(-1)
         prev = tok.view(-1)
-        count = _compact_to(n_done, n)
+        count = compact_to(n_done, n)
         if count < n:  # store the finished sentences' results, decode only the rest
             gone = done.nonzero().squeeze(1)
             out_scores[sent[gone]], out_tokens[sent[gone]], out_len[sent[gone]] = (
                 fin_scores[gone], fin_tokens[gone], fin_len[gone])
-            keep = _kept_rows(done, count)
+            keep = kept_rows(done, count)
             sent, limits, done = sent[keep], limits[keep], done[keep]
             first_cap = int(limits.min())
             scores, history, fin_scores, fin_tokens, fin_len = (
@@ -241,27 +238,3 @@ def search_label(cfg: SearchConfig) -> str:
         return "greedy"
     alpha = "" if math.isclose(cfg.length_penalty, 1.0) else f"-lp{cfg.length_penalty:g}"
     return f"beam{cfg.beam_size}{alpha}"
-
-
-@torch.no_grad()
-def translate_ids(model: Seq2Seq, src_ids: Sequence[Sequence[int]], cfg: SearchConfig,
-                  device: torch.device, amp_dtype: torch.dtype | None = None, cap: int = 512,
-                  keep_attention: bool = False) -> list[Hypothesis]:
-    """Decode many sentences: sorted by length into batches of ``cfg.batch_size`` (little
-    padding), results returned in input order."""
-    model.eval()
-    order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]))
-    results: list[Hypothesis | None] = [None] * len(src_ids)
-    # One autocast region and one set of step weights for all batches: every weight is cast to
-    # the autocast dtype once per call, not once per batch (autocast caches its casts until the
-    # region ends).
-    with (retained_heap() if device.type == "cpu" else contextlib.nullcontext(),
-          torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)):
-        weights = model.step_weights() if src_ids else None
-        for start in range(0, len(order), cfg.batch_size):
-            chunk = order[start : start + cfg.batch_size]
-            batch = collate([src_ids[i] for i in chunk], None, chunk, src_multiple=SOURCE_MULTIPLE).to(device)
-            hyps = decode(model, batch, cfg, cap, keep_attention, weights)
-            for i, hyp in zip(chunk, hyps):
-                results[i] = hyp
-    return results  # type: ignore[return-value]

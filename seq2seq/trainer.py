@@ -39,10 +39,11 @@ from seq2seq.model import Seq2Seq, build_model, count_parameters
 from seq2seq.optim import build_optimizer, build_scheduler, clip_scale, gradient_norm
 from seq2seq.prepare import PreparedData, token_ids
 from seq2seq.rng import rng_state, seed_everything, set_rng_state
-from seq2seq.search import check_search_config, translate_ids
+from seq2seq.search import check_search_config
 from seq2seq.shapes import pad_rows
 from seq2seq.tokenizer import PAD_ID
 from seq2seq.tracking import Tracker
+from seq2seq.translate import translate_ids
 
 log = logging.getLogger(__name__)
 

@@ -113,3 +113,22 @@ def reference_logits(model: Seq2Seq, batch: Batch) -> torch.Tensor:
         feed = h_tilde
         logits.append(model.output_layer(h_tilde))
     return torch.stack(logits, dim=1)
+
+
+def next_logprobs(model, src: list[int], prefix: list[int]) -> torch.Tensor:
+    """(V,) log-probabilities of the token after ``prefix``, by teacher forcing."""
+    batch = make_batch([src], [prefix])
+    with torch.no_grad():
+        return torch.log_softmax(logits_of(model, batch)[0, len(prefix)].double(), dim=-1)
+
+
+def assert_same_or_tie(model, src: list[int], a: list[int], b: list[int], tol: float = 1e-4) -> None:
+    """``a`` and ``b`` are the same tokens, or they part where two tokens are (numerically)
+    equally probable, a tie that float rounding may break either way."""
+    if a == b:
+        return
+    ext_a, ext_b = [*a, EOS_ID], [*b, EOS_ID]
+    i = next(i for i, (x, y) in enumerate(zip(ext_a, ext_b)) if x != y)
+    logp = next_logprobs(model, src, a[:i])
+    gap = abs(float(logp[ext_a[i]] - logp[ext_b[i]]))
+    assert gap < tol, f"outputs part at position {i} ({ext_a[i]} vs {ext_b[i]}, log-prob gap {gap:.2e}): {a} vs {b}"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers_model import (
     SRC_VOCAB,
-    logits_of,
+    assert_same_or_tie,
     make_batch,
     make_model,
     random_sentences,
@@ -25,9 +25,9 @@ from seq2seq.search import (
     greedy_search,
     max_lengths,
     search_label,
-    translate_ids,
 )
 from seq2seq.tokenizer import EOS_ID
+from seq2seq.translate import translate_ids
 
 CPU = torch.device("cpu")
 # (variant, seed, EOS bias, weight scale): untrained models with flat (scale 1) and peakier output
@@ -39,25 +39,6 @@ MODELS = [("bahdanau", 2, 0.0, 1.0), ("bahdanau", 2, 0.0, 1.5), ("bahdanau", 0, 
           ("luong-concat", 1, 1.0, 1.5), ("luong-dot", 2, 0.0, 1.0)]
 MODEL_IDS = [f"{v}-seed{s}-eos{b:g}-x{k:g}" for v, s, b, k in MODELS]
 
-
-
-def next_logprobs(model, src: list[int], prefix: list[int]) -> torch.Tensor:
-    """(V,) log-probabilities of the token after ``prefix``, by teacher forcing."""
-    batch = make_batch([src], [prefix])
-    with torch.no_grad():
-        return torch.log_softmax(logits_of(model, batch)[0, len(prefix)].double(), dim=-1)
-
-
-def assert_same_or_tie(model, src: list[int], a: list[int], b: list[int], tol: float = 1e-4) -> None:
-    """``a`` and ``b`` are the same tokens, or they part where two tokens are (numerically)
-    equally probable, a tie that float rounding may break either way."""
-    if a == b:
-        return
-    ext_a, ext_b = [*a, EOS_ID], [*b, EOS_ID]
-    i = next(i for i, (x, y) in enumerate(zip(ext_a, ext_b)) if x != y)
-    logp = next_logprobs(model, src, a[:i])
-    gap = abs(float(logp[ext_a[i]] - logp[ext_b[i]]))
-    assert gap < tol, f"outputs part at position {i} ({ext_a[i]} vs {ext_b[i]}, log-prob gap {gap:.2e}): {a} vs {b}"
 
 
 # ----------------------------------------------------------------------------- beam 1 == greedy
@@ -232,14 +213,14 @@ def test_search_label():
 def test_compaction_keeps_a_multiple_of_eight_rows_with_every_unfinished_one():
     import torch
 
-    from seq2seq.search import _compact_to, _kept_rows
+    from seq2seq.search import compact_to, kept_rows
 
-    assert _compact_to(0, 64) == 64  # nothing finished
-    assert _compact_to(10, 64) == 64  # under a quarter finished
-    assert _compact_to(16, 64) == 48
-    assert _compact_to(21, 64) == 48  # 43 unfinished, rounded up to 48
-    assert _compact_to(39, 40) == 8
+    assert compact_to(0, 64) == 64  # nothing finished
+    assert compact_to(10, 64) == 64  # under a quarter finished
+    assert compact_to(16, 64) == 48
+    assert compact_to(21, 64) == 48  # 43 unfinished, rounded up to 48
+    assert compact_to(39, 40) == 8
     finished = torch.tensor([True, False, True, True, False, False, True, True, True, True])
-    kept = _kept_rows(finished, 5)
+    kept = kept_rows(finished, 5)
     assert kept.tolist() == sorted(kept.tolist()) and len(kept) == 5
     assert set((~finished).nonzero().squeeze(1).tolist()) <= set(kept.tolist())

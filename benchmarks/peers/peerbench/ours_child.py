@@ -80,7 +80,7 @@ def decode(args: argparse.Namespace) -> None:
 
     from seq2seq.config import SearchConfig
     from seq2seq.evaluation import find_checkpoint, load_model
-    from seq2seq.search import translate_ids
+    from seq2seq.translate import translate_ids
 
     torch.set_num_threads(args.threads)
     loaded = load_model(find_checkpoint(args.run_dir, "last"))

@@ -1,0 +1,56 @@
+"""Translate many sentences: sort them by length, batch them, decode, return them in input order.
+
+Greedy decoding streams the batches through ``continuous.stream_greedy`` (finished sentences'
+rows go to the next ones at once); beam search, and greedy decoding that keeps attention
+weights, decode batch by batch (``search.decode``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from seq2seq.batching import Batch, collate
+from seq2seq.config import SearchConfig
+from seq2seq.continuous import stream_greedy
+from seq2seq.heap import retained_heap
+from seq2seq.model import Seq2Seq
+from seq2seq.search import SOURCE_MULTIPLE, Hypothesis, decode
+
+
+def _batches(src_ids: Sequence[Sequence[int]], order: list[int], size: int, device: torch.device
+             ) -> Iterator[Batch]:
+    for start in range(0, len(order), size):
+        chunk = order[start : start + size]
+        yield collate([src_ids[i] for i in chunk], None, chunk, src_multiple=SOURCE_MULTIPLE).to(device)
+
+
+@torch.no_grad()
+def translate_ids(model: Seq2Seq, src_ids: Sequence[Sequence[int]], cfg: SearchConfig,
+                  device: torch.device, amp_dtype: torch.dtype | None = None, cap: int = 512,
+                  keep_attention: bool = False) -> list[Hypothesis]:
+    """Decode many sentences: sorted by length into batches of ``cfg.batch_size`` (little
+    padding), at most ``cfg.batch_size`` decoded at once; results in input order."""
+    model.eval()
+    if not src_ids:
+        return []
+    order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]))
+    results: list[Hypothesis | None] = [None] * len(src_ids)
+    batches = _batches(src_ids, order, cfg.batch_size, device)
+    # One autocast region and one set of step weights for all batches: every weight is cast to
+    # the autocast dtype (and packed, on the CPU) once per call, not once per batch (autocast
+    # caches its casts until the region ends).
+    with (retained_heap() if device.type == "cpu" else contextlib.nullcontext(),
+          torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)):
+        weights = model.step_weights()
+        if cfg.beam_size <= 1 and not keep_attention:
+            for i, hyp in stream_greedy(model, batches, cfg, weights, cap):
+                results[i] = hyp
+        else:
+            for batch in batches:
+                hyps = decode(model, batch, cfg, cap, keep_attention, weights)
+                for i, hyp in zip(batch.indices.tolist(), hyps):
+                    results[i] = hyp
+    return results  # type: ignore[return-value]

@@ -1,0 +1,82 @@
+"""Greedy decoding with continuous batching: every sentence comes out once, decoded as
+``greedy_search`` decodes it alone, with its own length cap, whatever the order, widths and sizes
+of the batches it arrives in, and the rows it shares a step with."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers_model import SRC_VOCAB, assert_same_or_tie, make_batch, make_model, random_sentences
+
+from seq2seq.batching import collate
+from seq2seq.config import SearchConfig
+from seq2seq.continuous import stream_greedy
+from seq2seq.search import SOURCE_MULTIPLE, greedy_search, max_lengths
+from seq2seq.translate import translate_ids
+
+CPU = torch.device("cpu")
+# (variant, seed, EOS bias, weight scale), as in test_search: outputs that depend on the input
+MODELS = [("bahdanau", 2, 0.0, 1.5), ("none", 2, 0.0, 1.5), ("luong-general-feed", 4, 1.0, 2.5),
+          ("luong-concat", 1, 1.0, 1.5), ("luong-dot", 2, 0.0, 1.0), ("luong-general", 3, -1.0, 2.0)]
+
+
+def _batches(src: list[list[int]], size: int):
+    """Batches in the given (unsorted) order: source widths grow and shrink from batch to batch."""
+    for start in range(0, len(src), size):
+        rows = list(range(start, min(start + size, len(src))))
+        yield collate([src[i] for i in rows], None, rows, src_multiple=SOURCE_MULTIPLE)
+
+
+def _stream(model, src, cfg, size, cap=512):
+    with torch.no_grad():
+        out = list(stream_greedy(model, _batches(src, size), cfg, model.step_weights(), cap))
+    ids = [i for i, _ in out]
+    assert sorted(ids) == list(range(len(src)))  # every sentence exactly once
+    return [hyp for _, hyp in sorted(out, key=lambda item: item[0])]
+
+
+@pytest.mark.parametrize(("variant", "seed", "eos_bias", "scale"), MODELS, ids=[m[0] for m in MODELS])
+@pytest.mark.parametrize(("capacity", "batch"), [(16, 16), (16, 7), (8, 24)], ids=["even", "small-batches", "big-batches"])
+def test_each_sentence_is_decoded_as_greedy_search_decodes_it_alone(variant, seed, eos_bias, scale, capacity, batch):
+    model = make_model(variant, seed, eos_bias=eos_bias, scale=scale)
+    src = random_sentences(45, 1, 17, SRC_VOCAB, seed + 7)  # widths 8, 16 and 24 after padding
+    cfg = SearchConfig(batch_size=capacity)
+    hyps = _stream(model, src, cfg, batch)
+    for s, hyp in zip(src, hyps):
+        alone = greedy_search(model, make_batch([s]), cfg)[0]
+        assert_same_or_tie(model, s, hyp.tokens, alone.tokens)
+        if hyp.tokens == alone.tokens:
+            assert hyp.score == pytest.approx(alone.score, abs=1e-4)
+    assert len({tuple(h.tokens) for h in hyps}) >= 5  # input-dependent outputs: a mix-up would show
+
+
+@pytest.mark.parametrize("cap", [512, 12])
+def test_every_row_stops_at_its_own_length_cap(cap):
+    """A model that never ends on its own: each output runs to its sentence's cap, while rows of
+    other lengths (and other batches) share its steps."""
+    model = make_model("bahdanau", 0, eos_bias=-1e4)
+    src = random_sentences(30, 1, 14, SRC_VOCAB, seed=3)
+    cfg = SearchConfig(batch_size=16, max_len_ratio=1.5, max_len_offset=2)
+    hyps = _stream(model, src, cfg, 9, cap)
+    expected = max_lengths(torch.tensor([len(s) + 1 for s in src]), cfg, cap) - 1  # +1 EOS in, -1 EOS out
+    assert [len(h.tokens) for h in hyps] == expected.tolist()
+
+
+def test_sentences_that_end_at_once_and_an_empty_input():
+    model = make_model("luong-general", 0, eos_bias=1e4)
+    hyps = _stream(model, random_sentences(20, 1, 9, SRC_VOCAB, seed=5), SearchConfig(batch_size=8), 6)
+    assert all(h.tokens == [] for h in hyps)
+    with torch.no_grad():
+        assert list(stream_greedy(model, iter([]), SearchConfig(), model.step_weights())) == []
+
+
+def test_under_bf16_autocast_it_agrees_with_batch_by_batch_greedy_decoding():
+    """The bf16 path mixes a fresh state (bf16 from the bridge) with decoded ones (float32)."""
+    model = make_model("luong-general-feed", 4, eos_bias=1.0, scale=2.5)
+    src = random_sentences(40, 1, 15, SRC_VOCAB, seed=11)
+    cfg = SearchConfig(batch_size=16)
+    streamed = translate_ids(model, src, cfg, CPU, amp_dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        alone = [greedy_search(model, make_batch([s]), cfg)[0] for s in src]
+    same = sum(a.tokens == b.tokens for a, b in zip(streamed, alone))
+    assert same >= 36, f"only {same} of 40 outputs agree"  # bf16 rounding may break near-ties
