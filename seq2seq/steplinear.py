@@ -41,8 +41,10 @@ class PackedLinear:
         self.out_features = weight.size(0)
         self.weight = _REORDER(weight.detach().contiguous())
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _PACKED_LINEAR(x, self.weight, None, "none", [], "")
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ weight.T``, plus ``bias`` (float32 allowed: added to the float32 accumulator
+        before the one rounding to the output's dtype) when given."""
+        return _PACKED_LINEAR(x, self.weight, None if bias is None else bias.detach(), "none", [], "")
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -89,6 +91,7 @@ class SharedWeight:
     def __init__(self, *pieces: torch.Tensor) -> None:
         self.dtype = compute_dtype(pieces[0])
         self.tracked = torch.is_grad_enabled() and any(p.requires_grad for p in pieces)
+        self.packed: PackedLinear | None = None
         if self.tracked:
             self.tape = _Tape()
             self.step_weight = _CastOnce.apply(self.tape, self.dtype, *pieces)
