@@ -2,10 +2,12 @@
 
 A step's logits are (rows, V) with V in the thousands, so every full pass over them costs more
 than the rest of the step's element-wise work together (at beam 5 and 64 sentences, 320 x 8000
-floats are 10 MB, beyond the CPU's caches). Nothing here materialises the (rows, V)
-log-probabilities: a row's log-probability of token v is ``logits[v] - lse`` with ``lse`` its
-log-normaliser, and since ``lse`` (and a beam's running score) is one constant per row, ranking
-raw logits ranks log-probabilities. The passes left are one max, one exp-sum and one chunked max.
+floats are 10 MB, beyond the CPU's caches). A row's log-probability of token v is ``logits[v] -
+lse`` with ``lse`` its log-normaliser, one constant per row, so ranking raw logits ranks
+log-probabilities. Greedy search ranks the logits and takes ``lse`` in three passes (max,
+exp-sum); beam search takes ``log_softmax``, whose CPU kernel normalises each row while it is in
+cache (one read and one write of the 10 MB instead of four passes: 0.76 against 1.05 ms here)
+and then ranks chunk maxima.
 
 Semantics (fixed by the tests): the normaliser runs over the whole vocabulary; PAD and BOS are
 then banned (never outputs, though an undertrained model may rank them high); a row at its length
@@ -61,7 +63,7 @@ def beam_candidates(logits: torch.Tensor, scores: torch.Tensor, at_cap: torch.Te
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``count`` best continuations of each sentence's K beams.
 
-    ``logits`` (N*K, V) float32, beams of one sentence in consecutive rows (overwritten);
+    ``logits`` (N*K, V) float32, beams of one sentence in consecutive rows (left as it is);
     ``scores`` (N, K) the beams' running log-probabilities. Returns (scores, indices), each
     (N, count), best first, as a top-k over the (N, K*V) candidate scores ``scores[n, j] +
     logp[n*K + j, v]`` with index ``j*V + v``.
@@ -75,7 +77,8 @@ def beam_candidates(logits: torch.Tensor, scores: torch.Tensor, at_cap: torch.Te
     """
     n, k = scores.shape
     rows, vocab = logits.shape
-    offset = scores.reshape(rows) - log_normaliser(logits)  # candidate score = logit + offset
+    logits = torch.log_softmax(logits, dim=-1)
+    offset = scores.reshape(rows)  # candidate score = log-probability + offset
     ban(logits, at_cap)
     c = chunk_size(vocab, 2 * k)
     g = vocab // c  # chunks per row
