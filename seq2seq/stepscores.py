@@ -77,17 +77,17 @@ def beam_candidates(logits: torch.Tensor, scores: torch.Tensor, at_cap: torch.Te
     """
     n, k = scores.shape
     rows, vocab = logits.shape
-    logits = torch.log_softmax(logits, dim=-1)
+    logp = torch.log_softmax(logits, dim=-1)
     offset = scores.reshape(rows)  # candidate score = log-probability + offset
-    ban(logits, at_cap)
+    ban(logp, at_cap)
     c = chunk_size(vocab, 2 * k)
     g = vocab // c  # chunks per row
-    chunk_best = logits.view(rows, g, c).amax(dim=-1).add_(offset.unsqueeze(1))  # (N*K, G)
+    chunk_best = logp.view(rows, g, c).amax(dim=-1).add_(offset.unsqueeze(1))  # (N*K, G)
     count = min(count, k * vocab)
     picked = min(count, k * g)
     _, chunks = chunk_best.view(n, k * g).topk(picked, dim=-1)  # (N, picked) chunk j*G + i of sentence n
-    flat = (torch.arange(n, device=logits.device).unsqueeze(1) * (k * g) + chunks).view(-1)
-    entries = logits.view(rows * g, c).index_select(0, flat).view(n, picked, c)
+    flat = (torch.arange(n, device=logp.device).unsqueeze(1) * (k * g) + chunks).view(-1)
+    entries = logp.view(rows * g, c).index_select(0, flat).view(n, picked, c)
     entries.add_(offset.view(n, k).gather(1, chunks // g).unsqueeze(-1))
     top_scores, pos = entries.view(n, picked * c).topk(count, dim=-1)
     chunk = chunks.gather(1, pos // c)  # j*G + i
