@@ -1,21 +1,22 @@
-"""Greedy decoding of many sentences with continuous batching.
+"""Greedy decoding and beam search over many sentences with continuous batching.
 
 Decoding batch by batch runs each batch until its longest output has ended: on the Multi30k test
 set a third of the greedy steps ran with 8 of 64 rows, and a step costs nearly as much with 8 rows
 as with 64 (every step reads all the weights: about 1.3 against 2.1 ms on the CPU, see
 docs/results.md). Here up to ``cfg.batch_size`` sentences are in flight; as soon as ROW_MULTIPLE
-of them have ended, their rows are handed to the next sentences, so almost every step runs full.
-The encoder still runs a batch at a time; a batch is encoded when its first sentence is needed.
+of them have ended, their rows are handed to the next sentences, so almost every step runs full
+(and meets the same matmul shapes). The encoder still runs a batch at a time; a batch is encoded
+when its first sentence is needed.
 
-Each row is decoded as ``greedy_search`` decodes it, with its own step count, length cap and
-score. It attends over the widest source in flight with the rest masked, which changes its
-numbers by float rounding at most (tested against ``greedy_search``).
+Each sentence is decoded as ``greedy_search`` or ``beam_search`` decodes it, with its own step
+count, length cap and scores. It attends over the widest source in flight with the rest masked,
+which changes its numbers by float rounding at most (tested against both).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -24,8 +25,15 @@ from seq2seq.batching import Batch
 from seq2seq.config import SearchConfig
 from seq2seq.decoder import DecoderState
 from seq2seq.model import SearchWeights, Seq2Seq
-from seq2seq.search import ROW_MULTIPLE, Hypothesis, compact_to, kept_rows, max_lengths
-from seq2seq.stepscores import greedy_choice
+from seq2seq.search import (
+    ROW_MULTIPLE,
+    Hypothesis,
+    compact_to,
+    kept_rows,
+    length_penalty,
+    max_lengths,
+)
+from seq2seq.stepscores import beam_candidates, greedy_choice
 from seq2seq.tokenizer import BOS_ID, EOS_ID
 
 
@@ -105,28 +113,77 @@ class _Source:
         return None if not parts else parts[0] if len(parts) == 1 else _concat(parts)
 
 
-class _Pool:
-    """The rows in flight and what each has produced: ``t[r]`` tokens so far (EOS included once
-    it has ended), in ``tokens[r, :t[r]]``; ``ids[r]`` is -1 once the row's result is out."""
+def _fill(slots: torch.Tensor, pairs: tuple[tuple[torch.Tensor, float | int | bool], ...]) -> None:
+    for x, value in pairs:
+        x.index_fill_(0, slots, value)
 
-    def __init__(self, rows: _Rows, cap: int) -> None:
+
+class _Pool(Protocol):
+    """What the driver needs of the sentences in flight (one row each, or K for beam search)."""
+
+    finished: torch.Tensor  # (N,) bool per sentence
+
+    def __len__(self) -> int: ...
+    def steps_before_cap(self) -> int: ...
+    def step(self, model: Seq2Seq, weights: SearchWeights, check_cap: bool) -> None: ...
+    def results(self, slots: torch.Tensor) -> list[tuple[int, Hypothesis]]: ...
+    def replace(self, slots: torch.Tensor, rows: _Rows) -> None: ...
+    def keep(self, keep: torch.Tensor) -> None: ...
+
+
+class _Sentences:
+    """What every pool keeps per sentence: index, cap, steps taken (``t``), memory, and whether
+    it has ended; ``ids[r]`` is -1 once sentence r's result is out."""
+
+    def __init__(self, rows: _Rows) -> None:
         n, device = len(rows), rows.ids.device
         self.ids, self.limit, self.state, self.memory = _concat([rows])  # own copies: rows change in place
         self.t = torch.zeros(n, dtype=torch.long, device=device)
-        self.score = torch.zeros(n, device=device)
         self.finished = torch.zeros(n, dtype=torch.bool, device=device)
-        self.prev = torch.full((n,), BOS_ID, dtype=torch.long, device=device)
-        # a finished row keeps writing (EOS or anything) at position t <= its cap <= ``cap``
-        self.tokens = torch.full((n, cap + 1), EOS_ID, dtype=torch.long, device=device)
-        self.rows = torch.arange(n, device=device)
+        self.sentences = torch.arange(n, device=device)
 
     def __len__(self) -> int:
         return self.ids.numel()
 
     def steps_before_cap(self) -> int:
-        """Steps before the first at which some unfinished row may reach its cap (a host sync)."""
-        left = torch.where(self.finished, self.tokens.size(1), self.limit - self.t)
+        """Steps before the first at which some unfinished sentence may reach its cap (a host sync)."""
+        left = torch.where(self.finished, torch.iinfo(torch.long).max, self.limit - self.t)
         return int(left.min()) - 1
+
+    def _replace(self, slots: torch.Tensor, rows: _Rows) -> None:
+        width = max(self.memory.mask.size(1), rows.memory.mask.size(1))
+        self.memory, memory = _widen(self.memory, width), _widen(rows.memory, width)
+        for dest, src in zip(self.memory[:3], memory[:3]):
+            dest.index_copy_(0, slots, src)
+        self.ids.index_copy_(0, slots, rows.ids)
+        self.limit.index_copy_(0, slots, rows.limit)
+        _fill(slots, ((self.t, 0), (self.finished, False)))
+
+    def _keep(self, keep: torch.Tensor) -> None:
+        self.ids, self.limit, self.t, self.finished = (
+            x.index_select(0, keep) for x in (self.ids, self.limit, self.t, self.finished))
+        self.memory = self.memory.select(keep)
+        self.sentences = torch.arange(keep.numel(), device=keep.device)
+
+
+def _copy_state(dest: DecoderState, rows: torch.Tensor, src: DecoderState) -> None:
+    """``dest``'s rows ``rows`` from ``src`` (a fresh state may differ in dtype from a decoded one:
+    bf16 from the bridge under autocast, float32 from the LSTM cell)."""
+    for axis, d, s in ((1, dest.hidden, src.hidden), (1, dest.cell, src.cell), (0, dest.feed, src.feed)):
+        d.index_copy_(axis, rows, s.to(d.dtype))
+
+
+class _GreedyPool(_Sentences):
+    """Greedy decoding: ``t[r]`` tokens so far (EOS included once it has ended), in
+    ``tokens[r, :t[r]]``."""
+
+    def __init__(self, rows: _Rows, width: int) -> None:
+        super().__init__(rows)
+        n, device = len(rows), rows.ids.device
+        self.score = torch.zeros(n, device=device)
+        self.prev = torch.full((n,), BOS_ID, dtype=torch.long, device=device)
+        # a finished row keeps writing (EOS or anything) at position t <= its cap < ``width``
+        self.tokens = torch.full((n, width), EOS_ID, dtype=torch.long, device=device)
 
     def step(self, model: Seq2Seq, weights: SearchWeights, check_cap: bool) -> None:
         out = model.decode_step(self.prev, self.state, self.memory, weights)
@@ -134,7 +191,7 @@ class _Pool:
         step_score, tok = greedy_choice(out.logits, at_cap)
         alive = ~self.finished
         self.score.add_(torch.where(alive, step_score, 0.0))
-        self.tokens[self.rows, self.t] = tok
+        self.tokens[self.sentences, self.t] = tok
         self.t.add_(alive)
         self.finished |= tok == EOS_ID
         self.prev, self.state = tok, out.state
@@ -150,40 +207,117 @@ class _Pool:
     def replace(self, slots: torch.Tensor, rows: _Rows) -> None:
         """New sentences in rows ``slots`` (as many as ``rows`` has; their results are out)."""
         slots = slots[: len(rows)]
-        width = max(self.memory.mask.size(1), rows.memory.mask.size(1))
-        self.memory, memory = _widen(self.memory, width), _widen(rows.memory, width)
-        for dest, src in zip(self.memory[:3], memory[:3]):
-            dest.index_copy_(0, slots, src)
-        # a decoded state may differ in dtype from a fresh one (bf16 from the bridge under
-        # autocast, float32 from the LSTM cell)
-        for axis, dest, src in ((1, self.state.hidden, rows.state.hidden), (1, self.state.cell, rows.state.cell),
-                                (0, self.state.feed, rows.state.feed)):
-            dest.index_copy_(axis, slots, src.to(dest.dtype))
-        self.ids.index_copy_(0, slots, rows.ids)
-        self.limit.index_copy_(0, slots, rows.limit)
-        for x, value in ((self.t, 0), (self.score, 0.0), (self.finished, False), (self.prev, BOS_ID),
-                         (self.tokens, EOS_ID)):
-            x.index_fill_(0, slots, value)
+        self._replace(slots, rows)
+        _copy_state(self.state, slots, rows.state)
+        _fill(slots, ((self.score, 0.0), (self.prev, BOS_ID), (self.tokens, EOS_ID)))
 
     def keep(self, keep: torch.Tensor) -> None:
         """Only rows ``keep`` stay in flight."""
-        self.ids, self.limit, self.t, self.score, self.finished, self.prev, self.tokens = (
-            x.index_select(0, keep) for x in (self.ids, self.limit, self.t, self.score, self.finished,
-                                              self.prev, self.tokens))
-        self.state, self.memory = self.state.select(keep), self.memory.select(keep)
-        self.rows = torch.arange(keep.numel(), device=keep.device)
+        self._keep(keep)
+        self.score, self.prev, self.tokens = (x.index_select(0, keep) for x in (self.score, self.prev, self.tokens))
+        self.state = self.state.select(keep)
 
 
-@torch.no_grad()
-def stream_greedy(model: Seq2Seq, batches: Iterable[Batch], cfg: SearchConfig, weights: SearchWeights,
-                  cap: int = 512) -> Iterator[tuple[int, Hypothesis]]:
-    """(sentence index, hypothesis) for every sentence of ``batches``, as sentences end.
-    ``weights``: ``model.step_weights()``, made in the autocast setting the search runs in."""
-    source = _Source(model, batches, cfg, cap)
-    first = source.take(cfg.batch_size)
-    if first is None:
-        return
-    pool = _Pool(first, cap)
+class _BeamPool(_Sentences):
+    """Beam search as ``search.beam_search`` runs it, K state rows per sentence (consecutive),
+    each sentence at its own step ``t``: the K live hypotheses in ``history[:, :, :t]`` (EOS after
+    them), the K best finished ones in ``fin_tokens`` / ``fin_len`` / ``fin_scores``."""
+
+    def __init__(self, rows: _Rows, width: int, cfg: SearchConfig, vocab: int) -> None:
+        super().__init__(rows)
+        n, k, device = len(rows), cfg.beam_size, rows.ids.device
+        self.k, self.alpha = k, cfg.length_penalty
+        self.state = self.state.select(torch.arange(n, device=device).repeat_interleave(k))
+        self.scores = torch.full((n, k), float("-inf"), device=device)
+        self.scores[:, 0] = 0.0  # all beams start identical: keep one so the top-k are distinct
+        self.history = torch.full((n, k, width), EOS_ID, dtype=torch.long, device=device)
+        self.fin_scores = torch.full((n, k), float("-inf"), device=device)
+        self.fin_tokens = torch.full((n, k, width), EOS_ID, dtype=torch.long, device=device)
+        self.fin_len = torch.zeros((n, k), dtype=torch.long, device=device)
+        self.prev = torch.full((n * k,), BOS_ID, dtype=torch.long, device=device)
+        self.n_cand = min(2 * k, k * vocab)
+        self.in_beam = torch.arange(self.n_cand, device=device) < k
+        self.beam_offsets = torch.arange(k, device=device)
+
+    def _beam_rows(self, sentences: torch.Tensor) -> torch.Tensor:
+        return (sentences.unsqueeze(1) * self.k + self.beam_offsets).view(-1)
+
+    def step(self, model: Seq2Seq, weights: SearchWeights, check_cap: bool) -> None:
+        k, n, width = self.k, len(self), self.history.size(2)
+        out = model.decode_step(self.prev, self.state, self.memory, weights)
+        at_cap = ((self.t + 1) >= self.limit).repeat_interleave(k) if check_cap else None
+        v = out.logits.size(-1)
+        top_scores, top_idx = beam_candidates(out.logits, self.scores, at_cap, self.n_cand)  # (N, 2K)
+        top_beam = torch.div(top_idx, v, rounding_mode="floor")
+        top_tok = top_idx % v
+        is_eos = top_tok == EOS_ID
+        # finished candidates compete with earlier finished ones (see search.beam_search)
+        length = (self.t + 1).unsqueeze(1)
+        new_fin = torch.where(is_eos & self.in_beam & ~self.finished.unsqueeze(1),
+                              top_scores / length_penalty(length, self.alpha), float("-inf"))
+        self.fin_scores, pick = torch.cat([self.fin_scores, new_fin], dim=1).topk(k, dim=-1)
+        # a candidate's tokens: its beam's history, EOS from position t on (EOS ends it there)
+        cand_tokens = torch.gather(self.history, 1, top_beam.unsqueeze(-1).expand(-1, -1, width))
+        pool_tokens = torch.cat([self.fin_tokens, cand_tokens], dim=1)
+        self.fin_tokens = torch.gather(pool_tokens, 1, pick.unsqueeze(-1).expand(-1, -1, width))
+        pool_len = torch.cat([self.fin_len, length.expand(-1, self.n_cand)], dim=1)
+        self.fin_len = torch.gather(pool_len, 1, pick)
+        alive = ~self.finished
+        self.finished |= is_eos[:, 0]  # a sentence ends when its best candidate ends it
+        # the K best unfinished candidates continue
+        self.scores, best = torch.where(is_eos, float("-inf"), top_scores).topk(k, dim=-1)
+        beam = torch.gather(top_beam, 1, best)  # (N, K)
+        tok = torch.gather(top_tok, 1, best)
+        self.history = torch.gather(self.history, 1, beam.unsqueeze(-1).expand(-1, -1, width))
+        self.history.scatter_(2, self.t.view(n, 1, 1).expand(-1, k, 1), tok.unsqueeze(-1))
+        self.t.add_(alive)
+        self.prev = tok.view(-1)
+        self.state = out.state.select((self.sentences.unsqueeze(1) * k + beam).view(-1))
+
+    def results(self, slots: torch.Tensor) -> list[tuple[int, Hypothesis]]:
+        """The best finished hypothesis of sentences ``slots`` (all ended) not given out yet;
+        marks them given."""
+        fin_scores = self.fin_scores.index_select(0, slots)
+        best = fin_scores.argmax(dim=-1, keepdim=True)
+        lengths = self.fin_len.index_select(0, slots).gather(1, best).squeeze(1).tolist()
+        tokens = self.fin_tokens.index_select(0, slots).gather(
+            1, best.unsqueeze(-1).expand(-1, -1, self.fin_tokens.size(2))).squeeze(1)
+        tokens = tokens[:, : max(lengths, default=0)].tolist()
+        scores = fin_scores.gather(1, best).squeeze(1).tolist()
+        ids = self.ids.index_select(0, slots).tolist()
+        self.ids.index_fill_(0, slots, -1)
+        return [(i, Hypothesis(tokens=seq[: max(n - 1, 0)], score=s, attention=None))
+                for i, n, s, seq in zip(ids, lengths, scores, tokens) if i >= 0]
+
+    def replace(self, slots: torch.Tensor, rows: _Rows) -> None:
+        """New sentences in ``slots`` (as many as ``rows`` has; their results are out)."""
+        slots = slots[: len(rows)]
+        self._replace(slots, rows)
+        beam_rows = self._beam_rows(slots)
+        fresh = rows.state.select(torch.arange(len(rows), device=slots.device).repeat_interleave(self.k))
+        _copy_state(self.state, beam_rows, fresh)
+        first = torch.full((self.k,), float("-inf"), device=slots.device)
+        first[0] = 0.0
+        self.scores.index_copy_(0, slots, first.repeat(len(rows), 1))
+        _fill(slots, ((self.history, EOS_ID), (self.fin_scores, float("-inf")), (self.fin_tokens, EOS_ID),
+                      (self.fin_len, 0)))
+        self.prev.index_fill_(0, beam_rows, BOS_ID)
+
+    def keep(self, keep: torch.Tensor) -> None:
+        """Only sentences ``keep`` stay in flight."""
+        beam_rows = self._beam_rows(keep)
+        self._keep(keep)
+        self.scores, self.history, self.fin_scores, self.fin_tokens, self.fin_len = (
+            x.index_select(0, keep) for x in (self.scores, self.history, self.fin_scores, self.fin_tokens,
+                                              self.fin_len))
+        self.prev = self.prev.index_select(0, beam_rows)
+        self.state = self.state.select(beam_rows)
+
+
+def _drive(pool: _Pool, source: _Source, model: Seq2Seq, weights: SearchWeights) -> Iterator[tuple[int, Hypothesis]]:
+    """Step ``pool`` until every sentence of ``source`` has ended: ended sentences' places go to
+    the next ones once ROW_MULTIPLE have ended; when the input is used up, the pool shrinks as
+    batch-by-batch search compacts."""
     before_cap = pool.steps_before_cap()
     while True:
         pool.step(model, weights, check_cap=before_cap <= 0)
@@ -191,10 +325,10 @@ def stream_greedy(model: Seq2Seq, batches: Iterable[Batch], cfg: SearchConfig, w
         done = int(pool.finished.sum())  # the step's one host sync
         n = len(pool)
         if done == n and source.exhausted:
-            yield from pool.results(pool.rows)
+            yield from pool.results(torch.arange(n, device=pool.finished.device))
             return
         if done >= ROW_MULTIPLE and not source.exhausted or done == n:
-            # hand the ended rows to the next sentences
+            # hand the ended sentences' places to the next ones
             slots = pool.finished.nonzero().squeeze(1)
             yield from pool.results(slots)
             incoming = source.take(slots.numel())
@@ -202,7 +336,7 @@ def stream_greedy(model: Seq2Seq, batches: Iterable[Batch], cfg: SearchConfig, w
                 pool.replace(slots, incoming)
             before_cap = pool.steps_before_cap()
         elif source.exhausted:
-            count = compact_to(done, n)  # the input is used up: drop ended rows as greedy_search does
+            count = compact_to(done, n)  # the input is used up: drop ended sentences
             if count < n:
                 keep = kept_rows(pool.finished, count)
                 gone = torch.ones(n, dtype=torch.bool, device=keep.device)
@@ -210,3 +344,34 @@ def stream_greedy(model: Seq2Seq, batches: Iterable[Batch], cfg: SearchConfig, w
                 yield from pool.results(gone.nonzero().squeeze(1))
                 pool.keep(keep)
                 before_cap = pool.steps_before_cap()
+
+
+def output_width(longest_source: int, cfg: SearchConfig, cap: int) -> int:
+    """Token columns a pool needs: the largest output cap (EOS included) of a source of
+    ``longest_source`` tokens (EOS included), plus one."""
+    return int(max_lengths(torch.tensor([longest_source]), cfg, cap)) + 1
+
+
+@torch.no_grad()
+def stream_greedy(model: Seq2Seq, batches: Iterable[Batch], cfg: SearchConfig, weights: SearchWeights,
+                  cap: int = 512, width: int | None = None) -> Iterator[tuple[int, Hypothesis]]:
+    """(sentence index, hypothesis) for every sentence of ``batches``, as sentences end.
+    ``weights``: ``model.step_weights()``, made in the autocast setting the search runs in;
+    ``width``: ``output_width`` of the longest source (default: enough for any)."""
+    source = _Source(model, batches, cfg, cap)
+    first = source.take(cfg.batch_size)
+    if first is not None:
+        yield from _drive(_GreedyPool(first, width or cap + 1), source, model, weights)
+
+
+@torch.no_grad()
+def stream_beam(model: Seq2Seq, batches: Iterable[Batch], cfg: SearchConfig, weights: SearchWeights,
+                cap: int = 512, width: int | None = None) -> Iterator[tuple[int, Hypothesis]]:
+    """Beam search (``cfg.beam_size``) as ``stream_greedy``: at most ``cfg.batch_size`` sentences
+    (times K state rows) in flight. ``width`` as there; it is copied at every step here, so a
+    tight one pays."""
+    source = _Source(model, batches, cfg, cap)
+    first = source.take(cfg.batch_size)
+    if first is not None:
+        pool = _BeamPool(first, width or cap + 1, cfg, model.output_layer.out_features)
+        yield from _drive(pool, source, model, weights)

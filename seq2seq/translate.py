@@ -1,8 +1,8 @@
 """Translate many sentences: sort them by length, batch them, decode, return them in input order.
 
-Greedy decoding streams the batches through ``continuous.stream_greedy`` (finished sentences'
-rows go to the next ones at once); beam search, and greedy decoding that keeps attention
-weights, decode batch by batch (``search.decode``).
+Greedy decoding and beam search stream the batches through ``seq2seq.continuous`` (an ended
+sentence's place goes to the next one at once); greedy decoding that keeps attention weights
+decodes batch by batch (``search.decode``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from seq2seq.batching import Batch, collate
 from seq2seq.config import SearchConfig
-from seq2seq.continuous import stream_greedy
+from seq2seq.continuous import output_width, stream_beam, stream_greedy
 from seq2seq.heap import retained_heap
 from seq2seq.model import Seq2Seq
 from seq2seq.search import SOURCE_MULTIPLE, Hypothesis, decode
@@ -45,8 +45,10 @@ def translate_ids(model: Seq2Seq, src_ids: Sequence[Sequence[int]], cfg: SearchC
     with (retained_heap() if device.type == "cpu" else contextlib.nullcontext(),
           torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)):
         weights = model.step_weights()
-        if cfg.beam_size <= 1 and not keep_attention:
-            for i, hyp in stream_greedy(model, batches, cfg, weights, cap):
+        if not keep_attention:
+            stream = stream_greedy if cfg.beam_size <= 1 else stream_beam
+            width = output_width(max(len(s) for s in src_ids) + 1, cfg, cap)  # +1: the source's EOS
+            for i, hyp in stream(model, batches, cfg, weights, cap, width):
                 results[i] = hyp
         else:
             for batch in batches:

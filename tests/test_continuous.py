@@ -1,6 +1,6 @@
-"""Greedy decoding with continuous batching: every sentence comes out once, decoded as
-``greedy_search`` decodes it alone, with its own length cap, whatever the order, widths and sizes
-of the batches it arrives in, and the rows it shares a step with."""
+"""Greedy decoding and beam search with continuous batching: every sentence comes out once,
+decoded as ``greedy_search`` / ``beam_search`` decode it alone, with its own length cap, whatever
+the order, widths and sizes of the batches it arrives in, and the sentences it shares a step with."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from helpers_model import SRC_VOCAB, assert_same_or_tie, make_batch, make_model,
 
 from seq2seq.batching import collate
 from seq2seq.config import SearchConfig
-from seq2seq.continuous import stream_greedy
-from seq2seq.search import SOURCE_MULTIPLE, greedy_search, max_lengths
+from seq2seq.continuous import output_width, stream_beam, stream_greedy
+from seq2seq.search import SOURCE_MULTIPLE, beam_search, greedy_search, max_lengths
 from seq2seq.translate import translate_ids
 
 CPU = torch.device("cpu")
@@ -28,8 +28,10 @@ def _batches(src: list[list[int]], size: int):
 
 
 def _stream(model, src, cfg, size, cap=512):
+    stream = stream_greedy if cfg.beam_size == 1 else stream_beam
+    width = output_width(max(len(s) for s in src) + 1, cfg, cap)
     with torch.no_grad():
-        out = list(stream_greedy(model, _batches(src, size), cfg, model.step_weights(), cap))
+        out = list(stream(model, _batches(src, size), cfg, model.step_weights(), cap, width))
     ids = [i for i, _ in out]
     assert sorted(ids) == list(range(len(src)))  # every sentence exactly once
     return [hyp for _, hyp in sorted(out, key=lambda item: item[0])]
@@ -50,33 +52,59 @@ def test_each_sentence_is_decoded_as_greedy_search_decodes_it_alone(variant, see
     assert len({tuple(h.tokens) for h in hyps}) >= 5  # input-dependent outputs: a mix-up would show
 
 
+# for beam search: EOS biased down, so that the best hypotheses are not the empty one
+BEAM_MODELS = [(v, seed, eos_bias - 2.0, scale, 1.0) for v, seed, eos_bias, scale in MODELS]
+BEAM_MODELS.append(("luong-general-feed", 4, -1.0, 2.5, 0.0))  # no length normalisation
+
+
+@pytest.mark.parametrize(("variant", "seed", "eos_bias", "scale", "alpha"), BEAM_MODELS,
+                         ids=[f"{m[0]}-alpha{m[4]:g}" for m in BEAM_MODELS])
+@pytest.mark.parametrize(("capacity", "batch"), [(16, 16), (9, 24)], ids=["even", "big-batches"])
+def test_beam_search_decodes_each_sentence_as_it_does_alone(variant, seed, eos_bias, scale, alpha, capacity, batch):
+    model = make_model(variant, seed, eos_bias=eos_bias, scale=scale)
+    src = random_sentences(30, 1, 17, SRC_VOCAB, seed + 9)
+    cfg = SearchConfig(beam_size=4, batch_size=capacity, length_penalty=alpha)
+    hyps = _stream(model, src, cfg, batch)
+    for s, hyp in zip(src, hyps):
+        alone = beam_search(model, make_batch([s]), cfg)[0]
+        assert hyp.tokens == alone.tokens
+        assert hyp.score == pytest.approx(alone.score, abs=1e-4)
+    assert len({tuple(h.tokens) for h in hyps}) >= 3  # input-dependent outputs
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
 @pytest.mark.parametrize("cap", [512, 12])
-def test_every_row_stops_at_its_own_length_cap(cap):
+def test_every_row_stops_at_its_own_length_cap(cap, beam_size):
     """A model that never ends on its own: each output runs to its sentence's cap, while rows of
     other lengths (and other batches) share its steps."""
     model = make_model("bahdanau", 0, eos_bias=-1e4)
     src = random_sentences(30, 1, 14, SRC_VOCAB, seed=3)
-    cfg = SearchConfig(batch_size=16, max_len_ratio=1.5, max_len_offset=2)
+    cfg = SearchConfig(beam_size=beam_size, batch_size=16, max_len_ratio=1.5, max_len_offset=2)
     hyps = _stream(model, src, cfg, 9, cap)
     expected = max_lengths(torch.tensor([len(s) + 1 for s in src]), cfg, cap) - 1  # +1 EOS in, -1 EOS out
     assert [len(h.tokens) for h in hyps] == expected.tolist()
 
 
-def test_sentences_that_end_at_once_and_an_empty_input():
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_sentences_that_end_at_once_and_an_empty_input(beam_size):
     model = make_model("luong-general", 0, eos_bias=1e4)
-    hyps = _stream(model, random_sentences(20, 1, 9, SRC_VOCAB, seed=5), SearchConfig(batch_size=8), 6)
+    cfg = SearchConfig(beam_size=beam_size, batch_size=8)
+    hyps = _stream(model, random_sentences(20, 1, 9, SRC_VOCAB, seed=5), cfg, 6)
     assert all(h.tokens == [] for h in hyps)
+    stream = stream_greedy if beam_size == 1 else stream_beam
     with torch.no_grad():
-        assert list(stream_greedy(model, iter([]), SearchConfig(), model.step_weights())) == []
+        assert list(stream(model, iter([]), cfg, model.step_weights())) == []
 
 
-def test_under_bf16_autocast_it_agrees_with_batch_by_batch_greedy_decoding():
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_under_bf16_autocast_it_agrees_with_batch_by_batch_decoding(beam_size):
     """The bf16 path mixes a fresh state (bf16 from the bridge) with decoded ones (float32)."""
     model = make_model("luong-general-feed", 4, eos_bias=1.0, scale=2.5)
     src = random_sentences(40, 1, 15, SRC_VOCAB, seed=11)
-    cfg = SearchConfig(batch_size=16)
+    cfg = SearchConfig(beam_size=beam_size, batch_size=16)
     streamed = translate_ids(model, src, cfg, CPU, amp_dtype=torch.bfloat16)
+    search = greedy_search if beam_size == 1 else beam_search
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        alone = [greedy_search(model, make_batch([s]), cfg)[0] for s in src]
+        alone = [search(model, make_batch([s]), cfg)[0] for s in src]
     same = sum(a.tokens == b.tokens for a, b in zip(streamed, alone))
     assert same >= 36, f"only {same} of 40 outputs agree"  # bf16 rounding may break near-ties
