@@ -7,9 +7,8 @@ and output gradient, and forms the weight gradient once, as one (out x T*B) @ (T
 with a single rounding. The arithmetic is the same; the work is a few large operations instead of
 many small ones.
 
-On the CPU the weight is also packed once per pass into oneDNN's blocked layout (``PackedLinear``),
-for the steps' products forward and, in training, backward. Outside autograd (evaluation,
-search) it is a plain matmul in the autocast dtype.
+Outside autograd (evaluation, search) it is a plain matmul in the autocast dtype, on the CPU with
+the weight packed once into oneDNN's blocked layout (see ``pack_linear``).
 """
 
 from __future__ import annotations
@@ -96,9 +95,6 @@ class SharedWeight:
         if self.tracked:
             self.tape = _Tape()
             self.step_weight = _CastOnce.apply(self.tape, self.dtype, *pieces)
-            # packed for the steps' forward (x @ W^T) and backward (grad @ W) products
-            plain = self.step_weight.detach()
-            self.packs = (PackedLinear(plain), PackedLinear(plain.t())) if can_pack(plain) else None
         else:
             self.step_weight = _cast_joined(pieces, self.dtype)
             self.packed = PackedLinear(self.step_weight) if can_pack(self.step_weight) else None
@@ -108,7 +104,7 @@ class SharedWeight:
             if self.packed is not None:
                 return self.packed(x.to(self.dtype))
             return x.to(self.dtype) @ self.step_weight.mT
-        return _StepMatmul.apply(x, self.step_weight, self.tape, self.packs)
+        return _StepMatmul.apply(x, self.step_weight, self.tape)
 
 
 class _CastOnce(torch.autograd.Function):
@@ -143,19 +139,17 @@ class _CastOnce(torch.autograd.Function):
 
 class _StepMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, tape: _Tape,
-                packs: tuple[PackedLinear, PackedLinear] | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, tape: _Tape) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             x = x.detach().to(weight.dtype)
             ctx.index = len(tape.inputs)
             tape.inputs.append(x)
             ctx.tape = tape
-            ctx.packs = packs
             ctx.save_for_backward(weight)
-            return x @ weight.mT if packs is None else packs[0](x)
+            return x @ weight.mT
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
         (weight,) = ctx.saved_tensors
         tape = ctx.tape
         grad = grad.to(weight.dtype)
@@ -166,4 +160,4 @@ class _StepMatmul(torch.autograd.Function):
             # an expanded scalar costs no memory, and the others send None, so nothing is summed.
             tape.signalled = True
             placeholder = weight.new_zeros(()).expand_as(weight)
-        return grad @ weight if ctx.packs is None else ctx.packs[1](grad), placeholder, None, None
+        return grad @ weight, placeholder, None
