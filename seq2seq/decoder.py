@@ -22,6 +22,7 @@ from torch import nn
 from seq2seq import shapes
 from seq2seq.attention import AdditiveAttention, Attention, AttentionMemory, MultiplicativeAttention
 from seq2seq.dropout import Dropout, dropout
+from seq2seq.feedloop import feed_loop
 from seq2seq.lstm import lstm_cell
 from seq2seq.steplinear import SharedWeight
 
@@ -229,6 +230,24 @@ class Decoder(nn.Module):
         h_tilde = self.dropout(self._attentional(out, context))
         return DecoderOutput(hidden=h_tilde, attention=weights, logits=None)
 
+    @property
+    def _one_node_loop(self) -> bool:
+        """Whether teacher-forced training runs as ``feedloop``'s single autograd node: one layer,
+        input feeding, a multiplicative score."""
+        return (self.input_feeding and self.num_layers == 1
+                and isinstance(self.attention, MultiplicativeAttention))
+
+    def _forward_feed_loop(self, tgt_in: torch.Tensor, state: DecoderState, memory: AttentionMemory
+                           ) -> DecoderOutput:
+        size = self.embedding.embedding_dim
+        # step-major (T, B, 4H), all steps in one matmul: each step reads its rows in place, and
+        # their gradient comes back in that layout with no transposing copy of the 4H-wide gates
+        gold = self._embedding_gates(self.dropout(self.embedding(tgt_in.t())))
+        out = feed_loop(gold, state.hidden[0], state.cell[0], state.feed, self.rnn.weight_ih_l0[:, size:],
+                        self.rnn.weight_hh_l0, memory.keys, memory.values, memory.mask,
+                        self.combine.weight, self.combine.bias)
+        return DecoderOutput(hidden=self.dropout(out.feeds), attention=out.attention, logits=None)
+
     def forward_steps(self, tgt_in: torch.Tensor, state: DecoderState, memory: AttentionMemory,
                       project: nn.Module | None = None, teacher_forcing: float = 1.0) -> DecoderOutput:
         """Step-by-step teacher-forced pass. With ``teacher_forcing`` < 1 each step feeds, per
@@ -238,6 +257,8 @@ class Decoder(nn.Module):
         sampling = teacher_forcing < 1.0
         if sampling and project is None:
             raise ValueError("scheduled sampling needs the output layer")
+        if not sampling and self._one_node_loop:
+            return self._forward_feed_loop(tgt_in, state, memory)
         # The gold words' input projections for every step in one matmul (unused where sampled).
         # unbind, not [:, t]: one backward node for all steps instead of a full-size zero gradient per step
         gold_gates = self._embedding_gates(self.dropout(self.embedding(tgt_in))).unbind(1)  # T x (B, 4H)

@@ -28,14 +28,15 @@ from seq2seq.steplinear import compute_dtype
 
 
 def _activate(pre: torch.Tensor, c: torch.Tensor, acts: torch.Tensor | None = None,
-              tanh_c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              tanh_c: torch.Tensor | None = None, c_out: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A cell (gate order i, f, g, o) from float32 pre-activations (..., 4H) and the cell state:
-    (h, c', activations, tanh(c')); ``acts`` and ``tanh_c`` receive the last two when given."""
+    (h, c', activations, tanh(c')); ``acts``, ``tanh_c`` and ``c_out`` receive those when given."""
     size = c.size(-1)
     a = torch.sigmoid(pre, out=acts) if acts is not None else torch.sigmoid(pre)
     torch.tanh(pre[..., 2 * size: 3 * size], out=a[..., 2 * size: 3 * size])
     i, f, g, o = a.chunk(4, dim=-1)
-    c_new = torch.addcmul(f * c, i, g)
+    c_new = torch.addcmul(f * c, i, g, out=c_out) if c_out is not None else torch.addcmul(f * c, i, g)
     tc = torch.tanh(c_new, out=tanh_c) if tanh_c is not None else torch.tanh(c_new)
     return o * tc, c_new, a, tc
 
