@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from seq2seq import shapes
-from seq2seq.lstm import _activate, _activate_backward
+from seq2seq.lstm import activate, activate_backward
 from seq2seq.steplinear import PackedLinear, can_pack
 
 
@@ -85,7 +85,7 @@ def _run(gold: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, feed0: torch.Te
     x[0, :, feed_size:] = h0
     for t in range(steps):
         torch.add(gold[t], layer0(x[t]) if layer0 is not None else x[t] @ w0_t, out=pre)
-        h, _, _, _ = _activate(pre, cells[t], acts[t], tanh_c[t], cells[t + 1])
+        h, _, _, _ = activate(pre, cells[t], acts[t], tanh_c[t], cells[t + 1])
         queries[:, t] = h
         j[t, :, :size] = h
         # attention in float32: these per-sentence products are a few hundred multiply-adds each,
@@ -118,7 +118,8 @@ class _FeedLoop(torch.autograd.Function):
         buf = _run(gold.detach(), h0.detach(), c0.detach(), feed0.detach(), w0.t(), k.transpose(1, 2), v,
                    mask_bias, wc.t(), bias_c.detach().float())
         ctx.save_for_backward(w0, wc, k, v, *buf)
-        ctx.dtypes = (gold.dtype, h0.dtype, c0.dtype, w_feed.dtype, keys.dtype, values.dtype, w_c.dtype, bias_c.dtype)
+        ctx.dtypes = (gold.dtype, h0.dtype, c0.dtype, feed0.dtype, w_feed.dtype, keys.dtype, values.dtype,
+                      w_c.dtype, bias_c.dtype)
         ctx.feed_size = feed0.size(-1)
         ctx.mark_non_differentiable(buf.weights)
         return buf.feeds, buf.weights
@@ -128,7 +129,7 @@ class _FeedLoop(torch.autograd.Function):
                  ) -> tuple[torch.Tensor | None, ...]:
         w0, wc, k, v, *saved = ctx.saved_tensors
         buf = _Buffers(*saved)
-        gold_dtype, h0_dtype, c0_dtype, w_dtype, k_dtype, v_dtype, wc_dtype, bc_dtype = ctx.dtypes
+        gold_dtype, h0_dtype, c0_dtype, feed0_dtype, w_dtype, k_dtype, v_dtype, wc_dtype, bc_dtype = ctx.dtypes
         steps, batch, four = buf.acts.shape
         size, feed_size, dtype = four // 4, ctx.feed_size, w0.dtype
         rows = buf.layer0_in.size(0)
@@ -161,7 +162,7 @@ class _FeedLoop(torch.autograd.Function):
             d_h = torch.baddbmm(d_joined[:, :size].unsqueeze(1), d_s, k).squeeze(1)  # through scores = h . keys
             if d_x is not None:
                 d_h += d_x[:, feed_size:]
-            _, dc = _activate_backward(buf.acts[t], buf.cells[t], buf.tanh_c[t], d_h, dc, d_gates)
+            _, dc = activate_backward(buf.acts[t], buf.cells[t], buf.tanh_c[t], d_h, dc, d_gates)
             grad_gates[t] = d_gates
             d_x = (grad_gates[t] @ w0).float()  # (B, P + H): to h~_{t-1} and h_{t-1}
         # every weight's gradient from all steps at once
@@ -170,7 +171,8 @@ class _FeedLoop(torch.autograd.Function):
         grad_bias_c = pre_c_rows.sum(0, dtype=torch.float32)
         grad_keys = torch.bmm(grad_scores.transpose(1, 2), buf.queries)  # (B, S, K)
         grad_values = torch.bmm(buf.weights.transpose(1, 2), grad_context)  # (B, S, D)
-        return (grad_gates.to(gold_dtype), d_x[:, feed_size:].to(h0_dtype), dc.to(c0_dtype), None,
+        return (grad_gates.to(gold_dtype), d_x[:, feed_size:].to(h0_dtype), dc.to(c0_dtype),
+                d_x[:, :feed_size].to(feed0_dtype),
                 grad_w0[:, :feed_size], grad_w0[:, feed_size:], grad_keys.to(k_dtype), grad_values.to(v_dtype),
                 None, grad_wc, grad_bias_c.to(bc_dtype), None)
 

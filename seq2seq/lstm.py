@@ -27,7 +27,7 @@ from seq2seq import shapes
 from seq2seq.steplinear import compute_dtype
 
 
-def _activate(pre: torch.Tensor, c: torch.Tensor, acts: torch.Tensor | None = None,
+def activate(pre: torch.Tensor, c: torch.Tensor, acts: torch.Tensor | None = None,
               tanh_c: torch.Tensor | None = None, c_out: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A cell (gate order i, f, g, o) from float32 pre-activations (..., 4H) and the cell state:
@@ -41,9 +41,9 @@ def _activate(pre: torch.Tensor, c: torch.Tensor, acts: torch.Tensor | None = No
     return o * tc, c_new, a, tc
 
 
-def _activate_backward(a: torch.Tensor, c: torch.Tensor, tc: torch.Tensor, dh: torch.Tensor,
+def activate_backward(a: torch.Tensor, c: torch.Tensor, tc: torch.Tensor, dh: torch.Tensor,
                        dc: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward of ``_activate`` given d h and d c': the pre-activations' gradient, written into
+    """Backward of ``activate`` given d h and d c': the pre-activations' gradient, written into
     ``out`` (..., 4H), and the previous cell state's."""
     size = c.size(-1)
     i, f, g, o = a.chunk(4, dim=-1)
@@ -92,7 +92,7 @@ def _run(gates_in: torch.Tensor, w_hh_t: torch.Tensor, valid: torch.Tensor, save
         rec = torch.bmm(hm, w_hh_t).float()  # (2, B, 4H); the sums below in float32
         torch.add(gates_in[t, :, :four], rec[0], out=pre[0])
         torch.add(gates_in[back, :, four:], rec[1], out=pre[1])
-        h_new, c_new, _, _ = _activate(pre, c, acts[t] if save else None, tanh_c[t] if save else None)
+        h_new, c_new, _, _ = activate(pre, c, acts[t] if save else None, tanh_c[t] if save else None)
         v = valid[t]
         # lerp with weight 0 or 1 returns exactly one end (and costs a fraction of torch.where)
         c = torch.lerp(c, c_new, v, out=cells[t + 1]) if save else torch.lerp(c, c_new, v)
@@ -133,7 +133,7 @@ class _Recurrence(torch.autograd.Function):
             k, p = keep[t], hold[t]
             # the output's gradient reaches h only where the step was real (out = h_new * valid)
             step_grad = dh if grad_out is None else dh + torch.stack([grad_out[:, t, :size], grad_out[:, back, size:]])
-            _, dc_prev = _activate_backward(acts[t], cells[t], tanh_c[t], step_grad * k, dc * k, d)
+            _, dc_prev = activate_backward(acts[t], cells[t], tanh_c[t], step_grad * k, dc * k, d)
             grad_gates[t, :, :four] = d[0]
             grad_gates[back, :, four:] = d[1]
             dh = torch.addcmul(torch.bmm(d.to(w.dtype), w).float(), dh, p)
@@ -173,7 +173,7 @@ class _Cell(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h, c_new, a, tc = _activate(gates.float(), c)
+        h, c_new, a, tc = activate(gates.float(), c)
         ctx.save_for_backward(a, c, tc)
         ctx.gates_dtype = gates.dtype
         return h, c_new
@@ -183,7 +183,7 @@ class _Cell(torch.autograd.Function):
         a, c, tc = ctx.saved_tensors
         dh = torch.zeros_like(c) if dh is None else dh.float()
         dc = torch.zeros_like(c) if dc is None else dc.float()
-        d, dc_prev = _activate_backward(a, c, tc, dh, dc, torch.empty_like(a))
+        d, dc_prev = activate_backward(a, c, tc, dh, dc, torch.empty_like(a))
         return d.to(ctx.gates_dtype), dc_prev
 
 
@@ -192,5 +192,5 @@ def lstm_cell(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch
     float32 non-linearities and cell state."""
     if torch.is_grad_enabled() and (gates.requires_grad or c.requires_grad):
         return _Cell.apply(gates, c.float())
-    h, c_new, _, _ = _activate(gates.float(), c.float())
+    h, c_new, _, _ = activate(gates.float(), c.float())
     return h, c_new
