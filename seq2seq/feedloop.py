@@ -2,9 +2,9 @@
 
 Luong attention with input feeding (Luong et al. 2015, 3.3) is the one model family whose training
 cannot run in parallel over the target: each step's LSTM reads the previous step's attentional
-state h~. Through autograd every step records about forty nodes (gate matmul, cell, scores,
+state h~. Through autograd every step records some twenty nodes (gate matmul, cell, scores,
 softmax, context, W_c, tanh, casts, the cat of the inputs), and on the CPU that bookkeeping, not
-the arithmetic, is most of a step's cost at these sizes. This module runs the same arithmetic as
+the arithmetic, is a large share of a step's cost at these sizes. This module runs the arithmetic of
 ``Decoder._step`` as one autograd node for the whole loop, as ``lstm.py`` does for the encoder:
 
 - forward writes each step's inputs straight into the buffers backward needs (no cat, no tape);
