@@ -27,7 +27,7 @@ import torch
 
 from seq2seq import shapes
 from seq2seq.lstm import activate, activate_backward
-from seq2seq.steplinear import PackedLinear, can_pack
+from seq2seq.steplinear import PackedLinear, can_pack, compute_dtype
 
 
 class FeedLoopOutput(NamedTuple):
@@ -190,7 +190,7 @@ def feed_loop(gold: torch.Tensor, hidden: torch.Tensor, cell: torch.Tensor, feed
     The matmuls run in the autocast dtype when autocast is on, else in the weights' dtype.
     """
     device = gold.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w_hh.dtype
+    dtype = compute_dtype(w_hh)
     mask_bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     mask_bias = mask_bias.masked_fill_(~mask, float("-inf")).unsqueeze(1)  # (B, 1, S)
     with torch.autocast(device, enabled=False):
