@@ -21,6 +21,7 @@ from torch import nn
 
 from seq2seq import shapes
 from seq2seq.attention import AdditiveAttention, Attention, AttentionMemory, MultiplicativeAttention
+from seq2seq.bahdanauloop import bahdanau_loop
 from seq2seq.dropout import Dropout, dropout
 from seq2seq.feedloop import feed_loop
 from seq2seq.lstm import lstm_cell
@@ -232,10 +233,14 @@ class Decoder(nn.Module):
 
     @property
     def _one_node_loop(self) -> bool:
-        """Whether teacher-forced training runs as ``feedloop``'s single autograd node: one layer,
-        input feeding, a multiplicative score."""
-        return (self.input_feeding and self.num_layers == 1
-                and isinstance(self.attention, MultiplicativeAttention))
+        """Whether teacher-forced training runs as a single autograd node: one layer, and either
+        input feeding with a multiplicative score (``feedloop``) or Bahdanau's additive attention
+        read before the LSTM step (``bahdanauloop``)."""
+        if self.num_layers != 1:
+            return False
+        if self.input_feeding:
+            return isinstance(self.attention, MultiplicativeAttention)
+        return self.context_before_rnn and isinstance(self.attention, AdditiveAttention)
 
     def _forward_feed_loop(self, tgt_in: torch.Tensor, state: DecoderState, memory: AttentionMemory
                            ) -> DecoderOutput:
@@ -248,6 +253,18 @@ class Decoder(nn.Module):
                         self.combine.weight, self.combine.bias)
         return DecoderOutput(hidden=self.dropout(out.feeds), attention=out.attention, logits=None)
 
+    def _forward_bahdanau_loop(self, tgt_in: torch.Tensor, state: DecoderState, memory: AttentionMemory
+                               ) -> DecoderOutput:
+        size, attention = self.embedding.embedding_dim, self.attention
+        assert isinstance(attention, AdditiveAttention)
+        gold = self._embedding_gates(self.dropout(self.embedding(tgt_in.t())))  # step-major, as above
+        out = bahdanau_loop(gold, state.hidden[0], state.cell[0], self.rnn.weight_ih_l0[:, size:],
+                            self.rnn.weight_hh_l0, attention.query_proj.weight, attention.query_proj.bias,
+                            memory.keys, attention.energy.weight.view(-1), memory.values, memory.mask)
+        # h~ does not feed back: formed for all steps in one matmul, as in the autograd loop
+        h_tilde = self._attentional(out.outputs, out.contexts)
+        return DecoderOutput(hidden=self.dropout(h_tilde), attention=out.attention, logits=None)
+
     def forward_steps(self, tgt_in: torch.Tensor, state: DecoderState, memory: AttentionMemory,
                       project: nn.Module | None = None, teacher_forcing: float = 1.0) -> DecoderOutput:
         """Step-by-step teacher-forced pass. With ``teacher_forcing`` < 1 each step feeds, per
@@ -258,7 +275,9 @@ class Decoder(nn.Module):
         if sampling and project is None:
             raise ValueError("scheduled sampling needs the output layer")
         if not sampling and self._one_node_loop:
-            return self._forward_feed_loop(tgt_in, state, memory)
+            if self.input_feeding:
+                return self._forward_feed_loop(tgt_in, state, memory)
+            return self._forward_bahdanau_loop(tgt_in, state, memory)
         # The gold words' input projections for every step in one matmul (unused where sampled).
         # unbind, not [:, t]: one backward node for all steps instead of a full-size zero gradient per step
         gold_gates = self._embedding_gates(self.dropout(self.embedding(tgt_in))).unbind(1)  # T x (B, 4H)

@@ -27,7 +27,7 @@ import torch
 
 from seq2seq import shapes
 from seq2seq.lstm import activate, activate_backward
-from seq2seq.steplinear import PackedLinear, can_pack, compute_dtype
+from seq2seq.steplinear import StepLinear, compute_dtype
 
 
 class FeedLoopOutput(NamedTuple):
@@ -50,23 +50,17 @@ class _Buffers(NamedTuple):
     feeds: torch.Tensor  # (B, T, P) float32 h~
 
 
-def _matmul(weight_t: torch.Tensor) -> PackedLinear | None:
-    """``weight_t`` (in, out) packed for the loop's products on the CPU (see ``PackedLinear``:
-    264 against 382 us for layer 0's 64 x 1024 x 2048 bf16 product here), or None."""
-    weight = weight_t.t()
-    return PackedLinear(weight) if can_pack(weight) else None
-
-
-def _run(gold: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, feed0: torch.Tensor, w0_t: torch.Tensor,
-         keys_t: torch.Tensor, values: torch.Tensor, mask_bias: torch.Tensor, wc_t: torch.Tensor,
+def _run(gold: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, feed0: torch.Tensor, w0: torch.Tensor,
+         keys_t: torch.Tensor, values: torch.Tensor, mask_bias: torch.Tensor, wc: torch.Tensor,
          bias_c: torch.Tensor) -> _Buffers:
     """The forward loop. ``gold`` (T, B, 4H): layer 0's gate pre-activations from the gold words,
-    biases included; ``w0_t`` (P + H, 4H): layer 0's weight for [h~ | h]; ``keys_t`` (B, K, S)
+    biases included; ``w0`` (4H, P + H): layer 0's weight for [h~ | h]; ``keys_t`` (B, K, S)
     and ``values`` (B, S, D) float32; ``mask_bias`` (B, 1, S) float32, 0 at real tokens and -inf
-    at padding; ``wc_t`` (H + D, P); ``bias_c`` float32."""
+    at padding; ``wc`` (P, H + D); ``bias_c`` float32. The two weights' products are packed on
+    the CPU (``StepLinear``: 264 against 382 us for layer 0's 64 x 1024 x 2048 bf16 product here)."""
     steps, batch, four = gold.shape
     size, feed_size = four // 4, feed0.size(-1)
-    dtype = w0_t.dtype
+    dtype = w0.dtype
     rows = shapes.padded_size(steps * batch)
     layer0_in = gold.new_zeros(rows, feed_size + size, dtype=dtype)
     joined = gold.new_zeros(rows, size + values.size(-1), dtype=dtype)
@@ -79,12 +73,12 @@ def _run(gold: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, feed0: torch.Te
     weights = gold.new_empty(batch, steps, mask_bias.size(-1), dtype=torch.float32)
     feeds = gold.new_empty(batch, steps, feed_size, dtype=torch.float32)
     pre = gold.new_empty(batch, four, dtype=torch.float32)
-    layer0, combine = _matmul(w0_t), _matmul(wc_t)
+    layer0, combine = StepLinear(w0), StepLinear(wc)
     cells[0] = c0
     x[0, :, :feed_size] = feed0
     x[0, :, feed_size:] = h0
     for t in range(steps):
-        torch.add(gold[t], layer0(x[t]) if layer0 is not None else x[t] @ w0_t, out=pre)
+        torch.add(gold[t], layer0(x[t]), out=pre)
         h, _, _, _ = activate(pre, cells[t], acts[t], tanh_c[t], cells[t + 1])
         queries[:, t] = h
         j[t, :, :size] = h
@@ -95,11 +89,7 @@ def _run(gold: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, feed0: torch.Te
         j[t, :, size:] = torch.bmm(a, values).squeeze(1)
         # h~ = tanh(W_c [h; c] + b_c), the bias added in float32
         feed = feeds[:, t]
-        if combine is not None:
-            feed.copy_(combine(j[t], bias_c))
-        else:
-            torch.add(j[t] @ wc_t, bias_c, out=feed)
-        feed.tanh_()
+        feed.copy_(combine(j[t], bias_c)).tanh_()
         if t + 1 < steps:
             x[t + 1, :, :feed_size] = feed
             x[t + 1, :, feed_size:] = j[t, :, :size]
@@ -115,8 +105,8 @@ class _FeedLoop(torch.autograd.Function):
         w0 = torch.cat([w_feed.detach(), w_hh.detach()], dim=1).to(dtype)  # (4H, P + H), cast once
         wc = w_c.detach().to(dtype)  # (P, H + D)
         k, v = keys.detach().float(), values.detach().float()
-        buf = _run(gold.detach(), h0.detach(), c0.detach(), feed0.detach(), w0.t(), k.transpose(1, 2), v,
-                   mask_bias, wc.t(), bias_c.detach().float())
+        buf = _run(gold.detach(), h0.detach(), c0.detach(), feed0.detach(), w0, k.transpose(1, 2), v,
+                   mask_bias, wc, bias_c.detach().float())
         ctx.save_for_backward(w0, wc, k, v, *buf)
         ctx.dtypes = (gold.dtype, h0.dtype, c0.dtype, feed0.dtype, w_feed.dtype, keys.dtype, values.dtype,
                       w_c.dtype, bias_c.dtype)

@@ -47,6 +47,23 @@ class PackedLinear:
         return _PACKED_LINEAR(x, self.weight, None if bias is None else bias.detach(), "none", [], "")
 
 
+class StepLinear:
+    """``x @ weight.T`` (+ ``bias``) for a fixed weight (out, in) that many small products of one
+    loop share: packed where ``PackedLinear`` can take it (bias as there), a plain matmul elsewhere
+    (CUDA, a torch without oneDNN). The output is in the input's dtype, or promoted by the bias
+    in the plain case."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self.packed = PackedLinear(weight) if can_pack(weight) else None
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed(x, bias)
+        out = x @ self.weight.mT
+        return out if bias is None else out + bias
+
+
 def can_pack(weight: torch.Tensor) -> bool:
     """Whether ``PackedLinear`` can take ``weight``: 2-D, on the CPU, float32 or bf16, no autograd
     through it, and a torch built with oneDNN."""

@@ -1,6 +1,7 @@
-"""The input-feeding decoder's one-node training loop (``seq2seq/feedloop.py``): its outputs and
-every parameter's gradient against the textbook decoder (``nn.LSTM`` per step, autograd), in float32
-and under bf16 autocast, and which models take it."""
+"""The one-node training loops (``seq2seq/feedloop.py`` for Luong attention with input feeding,
+``seq2seq/bahdanauloop.py`` for Bahdanau attention): their outputs and every parameter's gradient
+against the textbook decoder (``nn.LSTM`` per step, autograd), in float32 and under bf16 autocast,
+and which models take them."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from helpers_model import (
 
 from seq2seq.decoder import Decoder
 
+LOOPED = ["luong-general-feed", "luong-dot-feed", "bahdanau"]  # the models that take a one-node loop
 FEED = [v for v, (_, _, feed) in VARIANTS.items() if feed]
 
 
@@ -40,25 +42,26 @@ def _gradients(model, logits_fn, batch, seed: int = 3) -> tuple[torch.Tensor, di
 
 
 def _autograd_loop(monkeypatch) -> None:
-    """Send input feeding through the autograd step loop instead (the path the loop replaced)."""
+    """Send every model through the autograd step loop instead (the path the loops replaced)."""
     monkeypatch.setattr(Decoder, "_one_node_loop", property(lambda self: False))
 
 
-@pytest.mark.parametrize("variant", ["luong-general-feed", "luong-dot-feed"])
-def test_multiplicative_feed_models_take_the_one_node_loop(variant):
+@pytest.mark.parametrize("variant", LOOPED)
+def test_multiplicative_feed_and_bahdanau_models_take_a_one_node_loop(variant):
     assert make_model(variant).decoder._one_node_loop
 
 
-@pytest.mark.parametrize("variant", ["luong-concat-feed", "luong-general", "bahdanau", "none"])
+@pytest.mark.parametrize("variant", sorted(set(VARIANTS) - set(LOOPED)))
 def test_other_models_do_not(variant):
     assert not make_model(variant).decoder._one_node_loop
 
 
-def test_two_layer_feed_model_keeps_the_autograd_loop():
-    assert not make_model("luong-general-feed", decoder_layers=2).decoder._one_node_loop
+@pytest.mark.parametrize("variant", LOOPED)
+def test_two_layer_models_keep_the_autograd_loop(variant):
+    assert not make_model(variant, decoder_layers=2).decoder._one_node_loop
 
 
-@pytest.mark.parametrize("variant", FEED)
+@pytest.mark.parametrize("variant", [*FEED, "bahdanau"])
 @pytest.mark.parametrize("max_tgt", [1, 9], ids=["one-step", "steps"])
 def test_logits_and_every_gradient_match_the_textbook_decoder(variant, max_tgt):
     model = make_model(variant, scale=1.5).train()  # dropout is 0: training mode, same numbers
@@ -72,7 +75,7 @@ def test_logits_and_every_gradient_match_the_textbook_decoder(variant, max_tgt):
         torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("variant", ["luong-general-feed", "luong-dot-feed"])
+@pytest.mark.parametrize("variant", LOOPED)
 def test_bf16_autocast_matches_the_autograd_loop_to_bf16_rounding(variant, monkeypatch):
     """Same arithmetic in the same dtypes (the loop's attention is float32, more exact): the two
     differ by bf16 rounding, not by a mistake, which would show as an O(1) relative error."""
@@ -95,7 +98,7 @@ def test_bf16_autocast_matches_the_autograd_loop_to_bf16_rounding(variant, monke
         assert err < 0.05, f"{name}: relative error {err:.3g}"
 
 
-@pytest.mark.parametrize("variant", ["luong-general-feed", "luong-dot-feed"])
+@pytest.mark.parametrize("variant", LOOPED)
 def test_without_gradients_gives_the_same_states_and_weights(variant):
     model = make_model(variant).train()
     batch = _batch()
@@ -107,9 +110,10 @@ def test_without_gradients_gives_the_same_states_and_weights(variant):
     assert not with_grad.attention.requires_grad  # the weights are reported, not differentiated
 
 
-def test_scheduled_sampling_with_input_feeding_still_trains():
+@pytest.mark.parametrize("variant", ["luong-general-feed", "bahdanau"])
+def test_scheduled_sampling_still_trains(variant):
     """Sampling runs the autograd loop (the words depend on the model's own predictions)."""
-    model = make_model("luong-general-feed").train()
+    model = make_model(variant).train()
     batch = _batch()
     out = model(batch, teacher_forcing=0.5)
     assert out.logits is not None
