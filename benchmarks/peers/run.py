@@ -71,6 +71,9 @@ def parse_args(argv: list[str]) -> Settings:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--ours-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override for our training config (repeatable), e.g. trainer.precision=bf16")
+    p.add_argument("--decode-repeats", type=_positive, default=3,
+                   help="decodes of the test set per toolkit, attention and search, run interleaved; the "
+                        "median time is reported (default 3)")
     p.add_argument("--no-decode", action="store_true", help="train only")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the weights of every repeat")
     a = p.parse_args(argv)
@@ -82,7 +85,7 @@ def parse_args(argv: list[str]) -> Settings:
     if not 0.0 <= a.warmup < 1.0:
         p.error(f"--warmup must be in [0, 1) (got {a.warmup})")
     return Settings(data_root=a.data.resolve(), work=a.work.resolve(), results=a.results.resolve(),
-                    steps=a.steps, repeats=a.repeats, threads=a.threads, toolkits=toolkits,
+                    steps=a.steps, repeats=a.repeats, decode_repeats=a.decode_repeats, threads=a.threads, toolkits=toolkits,
                     attentions=attentions, batching=a.batching, batch_sentences=a.batch_sentences,
                     max_tokens=a.max_tokens, warmup=a.warmup, beam=a.beam, limit=a.limit, seed=a.seed,
                     ours_overrides=a.ours_override, decode=not a.no_decode, keep_checkpoints=a.keep_checkpoints)

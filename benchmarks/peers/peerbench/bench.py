@@ -121,13 +121,14 @@ def train_all(toolkits: list[Toolkit], settings: Settings, work: Workspace, corp
 
 
 def decode_one(tk: Toolkit, settings: Settings, work: Workspace, corpus: CorpusFiles, attention: str,
-               beam: int, model: Path, refs: list[str]) -> DecodeRecord:
+               beam: int, model: Path, refs: list[str], repeat: int = 1) -> DecodeRecord:
     from seq2seq.metrics import corpus_score
 
     search = "greedy" if beam == 1 else f"beam{beam}"
     out = work.runs / "decode" / f"{tk.name}-{attention}-{search}.txt"
-    log = work.logs / f"decode-{tk.name}-{attention}-{search}.log"
-    record = DecodeRecord(toolkit=tk.name, attention=attention, search=search, hyps=str(out), log=str(log))
+    log = work.logs / f"decode-{tk.name}-{attention}-{search}-r{repeat}.log"
+    record = DecodeRecord(toolkit=tk.name, attention=attention, search=search, repeat=repeat, hyps=str(out),
+                          log=str(log))
     out.unlink(missing_ok=True)
     spec = DecodeSpec(attention=attention, beam=beam, threads=settings.threads, corpus=corpus, model=model,
                       out=out, log=log)
@@ -155,21 +156,27 @@ def decode_one(tk: Toolkit, settings: Settings, work: Workspace, corpus: CorpusF
 
 def decode_all(toolkits: list[Toolkit], settings: Settings, work: Workspace, corpus: CorpusFiles,
                models: dict[tuple[str, str], Path]) -> list[DecodeRecord]:
+    """Every (attention, search, repeat, toolkit) in that nesting: a decode takes seconds, so one
+    slow moment of the machine would decide a single measurement; interleaved repeats spread it
+    over the toolkits and the median drops it."""
     refs = corpus.refs.read_text(encoding="utf-8").splitlines()
     records = []
     for attention in settings.attentions:
         for beam in (1, settings.beam):
-            for tk in toolkits:
-                model = models.get((tk.name, attention))
-                search = "greedy" if beam == 1 else f"beam{beam}"
-                if model is None:
-                    records.append(DecodeRecord(tk.name, attention, search, error="no trained model"))
-                    continue
-                say(f"decode: {tk.label}, {attention}, {search}")
-                record = decode_one(tk, settings, work, corpus, attention, beam, model, refs)
-                if record.error is None:
-                    say(f"  {record.sent_per_s:,.1f} sent/s, {record.tok_per_s:,.0f} tok/s, BLEU {record.bleu:.2f}")
-                records.append(record)
+            search = "greedy" if beam == 1 else f"beam{beam}"
+            for repeat in range(1, settings.decode_repeats + 1):
+                for tk in toolkits:
+                    model = models.get((tk.name, attention))
+                    if model is None:
+                        records.append(DecodeRecord(tk.name, attention, search, error="no trained model",
+                                                    repeat=repeat))
+                        continue
+                    say(f"decode: {tk.label}, {attention}, {search}, repeat {repeat}")
+                    record = decode_one(tk, settings, work, corpus, attention, beam, model, refs, repeat)
+                    if record.error is None:
+                        say(f"  {record.sent_per_s:,.1f} sent/s, {record.tok_per_s:,.0f} tok/s, "
+                            f"BLEU {record.bleu:.2f}")
+                    records.append(record)
     return records
 
 
@@ -222,7 +229,7 @@ def run_benchmark(settings: Settings, argv: list[str]) -> dict:
     train_records, models = train_all(toolkits, settings, work, corpus)
     decode_records = decode_all(toolkits, settings, work, corpus, models) if settings.decode else []
     errors += [f"{r.toolkit}: train {r.attention} repeat {r.repeat}: {r.error}" for r in train_records if r.error]
-    errors += [f"{r.toolkit}: decode {r.attention} {r.search}: {r.error}" for r in decode_records
+    errors += [f"{r.toolkit}: decode {r.attention} {r.search} repeat {r.repeat}: {r.error}" for r in decode_records
                if r.error and r.error != "no trained model"]
     return {
         "schema_version": 1,

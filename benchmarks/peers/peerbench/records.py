@@ -14,6 +14,7 @@ class Settings:
     results: Path
     steps: int = 300
     repeats: int = 3
+    decode_repeats: int = 3
     threads: int = 2
     toolkits: list[str] = field(default_factory=lambda: ["ours", "joey", "onmt"])
     attentions: list[str] = field(default_factory=lambda: ["bahdanau", "luong"])
@@ -55,6 +56,7 @@ class DecodeRecord:
     attention: str
     search: str
     error: str | None = None
+    repeat: int = 1
     sentences: int | None = None
     seconds: float | None = None
     sent_per_s: float | None = None

@@ -36,8 +36,9 @@ def _ok(records: list[dict], **match) -> list[dict]:
 
 
 def summary_rows(results: dict) -> list[dict]:
-    """One row per (attention, toolkit): medians over repeats for training, the last repeat's
-    model for decoding, the largest peak RSS of the training processes."""
+    """One row per (attention, toolkit): medians over repeats for training, and over the decodes
+    of the last repeat's model for decoding (BLEU from the last decode: the output is the same),
+    the largest peak RSS of the training processes."""
     beam = f"beam{results['settings']['beam']}"
     rows = []
     for attention in results["settings"]["attentions"]:
@@ -51,9 +52,9 @@ def summary_rows(results: dict) -> list[dict]:
                          "peak_rss_gb": max(r["peak_rss_mb"] for r in train) / 1024 if train else None}
             for search, prefix in (("greedy", "greedy"), (beam, "beam")):
                 dec = _ok(results["decode"], toolkit=tk["name"], attention=attention, search=search)
-                row[f"{prefix}_sent_s"] = dec[0]["sent_per_s"] if dec else None
-                row[f"{prefix}_tok_s"] = dec[0]["tok_per_s"] if dec else None
-                row[f"bleu_{prefix}"] = dec[0]["bleu"] if dec else None
+                row[f"{prefix}_sent_s"] = statistics.median(r["sent_per_s"] for r in dec) if dec else None
+                row[f"{prefix}_tok_s"] = statistics.median(r["tok_per_s"] for r in dec) if dec else None
+                row[f"bleu_{prefix}"] = dec[-1]["bleu"] if dec else None
             rows.append(row)
     return rows
 
@@ -120,8 +121,11 @@ def markdown(results: dict, rows: list[dict], ratios: list[dict]) -> str:
         f"{s['warmup_steps']} and start-up excluded), "
         + (f"median of {s['repeats']} repeats run interleaved" if s["repeats"] > 1 else "one run each"),
         f"- Decoding: the last repeat's models, batches of 64 sentences, greedy and beam {beam} (length "
-        f"penalty ((5+n)/6)^1); tok/s counts output pieces (EOS excluded); BLEU: sacreBLEU on the "
-        f"de-segmented output against the raw references",
+        f"penalty ((5+n)/6)^1), "
+        + (f"median of {s.get('decode_repeats', 1)} decodes run interleaved" if s.get("decode_repeats", 1) > 1
+           else "one decode each")
+        + "; tok/s counts output pieces (EOS excluded); BLEU: sacreBLEU on the de-segmented output against "
+        "the raw references",
         f"- Started {results['started']}, took {results['elapsed_s'] / 60:.0f} min",
         "",
     ]
@@ -180,8 +184,16 @@ def per_repeat_section(results: dict) -> list[str]:
         body.append([r["toolkit"], r["attention"], str(r["repeat"]), f"{r['tokens_per_s']:,.0f}",
                      f"{w['first_step'] + 1}–{w['last_step']}: {w['tokens']:,.0f} tok / {w['seconds']:.1f} s",
                      _cell(r["first_update_s"], "{:.1f}"), f"{r['wall_s']:.0f}", f"{r['peak_rss_mb']:,.0f}"])
-    return ["## Training runs", "", *_table(["toolkit", "attention", "repeat", "tgt tok/s", "window",
-                                             "launch → update 1 (s)", "wall (s)", "peak RSS (MB)"], body, 3)]
+    lines = ["## Training runs", "", *_table(["toolkit", "attention", "repeat", "tgt tok/s", "window",
+                                              "launch → update 1 (s)", "wall (s)", "peak RSS (MB)"], body, 3)]
+    decodes = [[r["toolkit"], r["attention"], r["search"], str(r.get("repeat", 1)),
+                *(["failed", MISSING, MISSING] if r.get("error") else
+                  [f"{r['seconds']:.2f}", f"{r['sent_per_s']:,.1f}", f"{r['tok_per_s']:,.0f}"])]
+               for r in results["decode"]]
+    if decodes:
+        lines += ["", "## Decoding runs", "", *_table(["toolkit", "attention", "search", "repeat", "seconds",
+                                                        "sent/s", "tok/s"], decodes, 4)]
+    return lines
 
 
 def unique_stem(folder: Path, date: str) -> Path:
