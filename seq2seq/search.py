@@ -24,7 +24,9 @@ from seq2seq.tokenizer import BOS_ID, EOS_ID
 
 class Hypothesis(NamedTuple):
     tokens: list[int]  # without BOS/EOS
-    score: float  # log-probability (normalised by the length penalty for beam search)
+    # log-probability (normalised by the length penalty for beam search); None from greedy
+    # decoding asked not to score (``translate_ids``' default: the output needs only the tokens)
+    score: float | None
     attention: torch.Tensor | None  # (len(tokens) + 1, S_i) weights per output step incl. EOS
 
 

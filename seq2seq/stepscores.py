@@ -42,12 +42,15 @@ def ban(logits: torch.Tensor, at_cap: torch.Tensor | None) -> torch.Tensor:
     return logits
 
 
-def greedy_choice(logits: torch.Tensor, at_cap: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_choice(logits: torch.Tensor, at_cap: torch.Tensor | None, scored: bool = True
+                  ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The best allowed token of each row and its log-probability: (log-probs, tokens), (rows,)
-    each. ``logits`` (rows, V) float32 is overwritten."""
-    lse = log_normaliser(logits)
+    each; without ``scored`` the log-probabilities are None and the normaliser's passes over the
+    logits are skipped (the choice needs only the ranking). ``logits`` (rows, V) float32 is
+    overwritten."""
+    lse = log_normaliser(logits) if scored else None
     best, tokens = ban(logits, at_cap).max(dim=-1)
-    return best - lse, tokens
+    return None if lse is None else best - lse, tokens
 
 
 def chunk_size(vocab: int, width: int) -> int:

@@ -30,9 +30,13 @@ def _batches(src_ids: Sequence[Sequence[int]], order: list[int], size: int, devi
 @torch.no_grad()
 def translate_ids(model: Seq2Seq, src_ids: Sequence[Sequence[int]], cfg: SearchConfig,
                   device: torch.device, amp_dtype: torch.dtype | None = None, cap: int = 512,
-                  keep_attention: bool = False) -> list[Hypothesis]:
+                  keep_attention: bool = False, scored: bool = False) -> list[Hypothesis]:
     """Decode many sentences: sorted by length into batches of ``cfg.batch_size`` (little
-    padding), at most ``cfg.batch_size`` decoded at once; results in input order."""
+    padding), at most ``cfg.batch_size`` decoded at once; results in input order.
+
+    Greedy hypotheses carry their log-probability only with ``scored`` (or ``keep_attention``):
+    the translation needs only the ranking of each step's logits, and their normaliser costs about
+    a tenth of a greedy step. Beam search always scores (it ranks by the scores)."""
     model.eval()
     if not src_ids:
         return []
@@ -46,9 +50,10 @@ def translate_ids(model: Seq2Seq, src_ids: Sequence[Sequence[int]], cfg: SearchC
           torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)):
         weights = model.step_weights()
         if not keep_attention:
-            stream = stream_greedy if cfg.beam_size <= 1 else stream_beam
             width = output_width(max(len(s) for s in src_ids) + 1, cfg, cap)  # +1: the source's EOS
-            for i, hyp in stream(model, batches, cfg, weights, cap, width):
+            stream = (stream_greedy(model, batches, cfg, weights, cap, width, scored) if cfg.beam_size <= 1
+                      else stream_beam(model, batches, cfg, weights, cap, width))
+            for i, hyp in stream:
                 results[i] = hyp
         else:
             for batch in batches:

@@ -188,6 +188,23 @@ def test_translate_ids_keeps_the_input_order(beam_size):
     assert lengths == [_expected_tokens(len(s), cfg.max_len_ratio, cfg.max_len_offset, 512) for s in src]
 
 
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_translate_ids_scores_greedy_output_only_when_asked(amp_dtype):
+    """Unscored greedy decoding skips the normaliser, nothing else: the same tokens; scored, each
+    score is the hypothesis' log-probability; beam search always scores."""
+    src = random_sentences(12, 1, 9, SRC_VOCAB, seed=3)
+    model = make_model("luong-general-feed", 0, scale=2.5)
+    greedy, beam = SearchConfig(batch_size=4), SearchConfig(beam_size=3, batch_size=4)
+    plain = translate_ids(model, src, greedy, CPU, amp_dtype)
+    scored = translate_ids(model, src, greedy, CPU, amp_dtype, scored=True)
+    assert [h.tokens for h in plain] == [h.tokens for h in scored]
+    assert all(h.score is None for h in plain)
+    if amp_dtype is None:
+        for s, h in zip(src, scored):
+            assert h.score == pytest.approx(sequence_logprob(model, s, h.tokens), abs=1e-4)
+    assert all(isinstance(h.score, float) for h in translate_ids(model, src, beam, CPU, amp_dtype))
+
+
 def test_translate_ids_with_no_sentences():
     assert translate_ids(make_model("none"), [], SearchConfig(), CPU) == []
 

@@ -52,6 +52,16 @@ def test_greedy_choice_is_the_best_allowed_token_and_its_log_probability(capped)
         assert (tokens[at_cap] == EOS_ID).all()
 
 
+@pytest.mark.parametrize("capped", [False, True])
+def test_unscored_greedy_choice_picks_the_same_tokens(capped):
+    logits = random_logits(9, 50, seed=4)
+    logits[2, PAD_ID] = 100.0
+    at_cap = torch.tensor([i % 4 == 1 for i in range(9)]) if capped else None
+    score, tokens = greedy_choice(logits.clone(), at_cap, scored=False)
+    assert score is None
+    assert torch.equal(tokens, greedy_choice(logits.clone(), at_cap)[1])
+
+
 def test_ban_leaves_only_eos_in_capped_rows():
     logits = random_logits(4, 10, seed=3)
     at_cap = torch.tensor([False, True, False, True])
