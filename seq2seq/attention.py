@@ -56,6 +56,12 @@ class AttentionResult(NamedTuple):
     weights: torch.Tensor | None  # (B, T, S), rows sum to 1, exactly 0 at padding; None: no attention
 
 
+def padding_bias(mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) float32, 0 at real tokens and -inf at padding: added to scores, it gives padding
+    exactly zero weight in the softmax (the one-node loops' form of ``masked_softmax``'s mask)."""
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax over the last axis of (B, T, S) scores with padded positions at exactly zero,
     computed and returned in float32 (the matmul that reads them casts them as it needs; every

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from seq2seq import shapes
+from seq2seq.attention import padding_bias
 from seq2seq.lstm import activate, activate_backward
 from seq2seq.steplinear import StepLinear, compute_dtype
 
@@ -192,8 +193,7 @@ def bahdanau_loop(gold: torch.Tensor, hidden: torch.Tensor, cell: torch.Tensor, 
     """
     device = gold.device.type
     dtype = compute_dtype(w_hh)
-    mask_bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
     with torch.autocast(device, enabled=False):
         outputs, contexts, weights = _BahdanauLoop.apply(gold, hidden, cell.float(), w_ctx, w_hh, w_q, bias_q, keys,
-                                                         v, values, mask_bias, dtype)
+                                                         v, values, padding_bias(mask), dtype)
     return BahdanauLoopOutput(outputs, contexts, weights)

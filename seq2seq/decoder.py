@@ -257,7 +257,7 @@ class Decoder(nn.Module):
                                ) -> DecoderOutput:
         size, attention = self.embedding.embedding_dim, self.attention
         assert isinstance(attention, AdditiveAttention)
-        gold = self._embedding_gates(self.dropout(self.embedding(tgt_in.t())))  # step-major, as above
+        gold = self._embedding_gates(self.dropout(self.embedding(tgt_in.t())))  # step-major (T, B, 4H)
         out = bahdanau_loop(gold, state.hidden[0], state.cell[0], self.rnn.weight_ih_l0[:, size:],
                             self.rnn.weight_hh_l0, attention.query_proj.weight, attention.query_proj.bias,
                             memory.keys, attention.energy.weight.view(-1), memory.values, memory.mask)

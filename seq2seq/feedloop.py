@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from seq2seq import shapes
+from seq2seq.attention import padding_bias
 from seq2seq.lstm import activate, activate_backward
 from seq2seq.steplinear import StepLinear, compute_dtype
 
@@ -181,9 +182,7 @@ def feed_loop(gold: torch.Tensor, hidden: torch.Tensor, cell: torch.Tensor, feed
     """
     device = gold.device.type
     dtype = compute_dtype(w_hh)
-    mask_bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    mask_bias = mask_bias.masked_fill_(~mask, float("-inf")).unsqueeze(1)  # (B, 1, S)
     with torch.autocast(device, enabled=False):
-        feeds, weights = _FeedLoop.apply(gold, hidden, cell.float(), feed, w_feed, w_hh, keys, values, mask_bias,
-                                         w_c, bias_c, dtype)
+        feeds, weights = _FeedLoop.apply(gold, hidden, cell.float(), feed, w_feed, w_hh, keys, values,
+                                         padding_bias(mask).unsqueeze(1), w_c, bias_c, dtype)
     return FeedLoopOutput(feeds, weights)

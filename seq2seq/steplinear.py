@@ -114,13 +114,12 @@ class SharedWeight:
             self.step_weight = _CastOnce.apply(self.tape, self.dtype, *pieces)
         else:
             self.step_weight = _cast_joined(pieces, self.dtype)
-            self.packed = PackedLinear(self.step_weight) if can_pack(self.step_weight) else None
+            self.linear = StepLinear(self.step_weight)
+            self.packed = self.linear.packed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.tracked:
-            if self.packed is not None:
-                return self.packed(x.to(self.dtype))
-            return x.to(self.dtype) @ self.step_weight.mT
+            return self.linear(x.to(self.dtype))
         return _StepMatmul.apply(x, self.step_weight, self.tape)
 
 
