@@ -29,11 +29,11 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from seq2seq.cleaning import normalize
-    from seq2seq.config import SearchConfig
-    from seq2seq.evaluation import find_checkpoint, load_model
+    from seq2seq.core.config import SearchConfig
+    from seq2seq.data.cleaning import normalize
+    from seq2seq.evaluation.evaluate import find_checkpoint, load_model
     from seq2seq.pipeline import load_split
-    from seq2seq.translate import translate_ids
+    from seq2seq.search.translate import translate_ids
 
     loaded = load_model(find_checkpoint(args.run_dir))
     cfg = loaded.cfg
@@ -52,7 +52,7 @@ def main() -> None:
         times, tokens = [], 0
         for _ in range(args.repeats):
             start = time.perf_counter()
-            hyps = translate_ids(loaded.model, ids, search, loaded.device, amp)
+            hyps = translate_ids(loaded.engine, ids, search, loaded.device, amp)
             times.append(time.perf_counter() - start)
             tokens = sum(len(h.tokens) + 1 for h in hyps)
         t = statistics.median(times)

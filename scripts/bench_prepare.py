@@ -21,12 +21,12 @@ def prepare_once(data_root: str, corpus: str, cache: str) -> dict:
     from omegaconf import OmegaConf
 
     from seq2seq.cli import compose_checked
-    from seq2seq.config import register_configs
+    from seq2seq.core.config import register_configs
 
     register_configs()
     cfg = OmegaConf.to_object(compose_checked("train", [f"data={corpus}", f"data.root={data_root}",
                                                         f"data.cache_dir={cache}"]))
-    from seq2seq.prepare import prepare_data
+    from seq2seq.data.prepare import prepare_data
 
     start = time.perf_counter()
     prepared = prepare_data(cfg.data, cfg.tokenizer)

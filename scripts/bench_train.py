@@ -34,9 +34,9 @@ def run_variant(name: str, data_root: str, cache: str, steps: int, warmup: int, 
     from omegaconf import OmegaConf
 
     from seq2seq.cli import compose_checked
-    from seq2seq.config import register_configs
-    from seq2seq.prepare import prepare_data
-    from seq2seq.trainer import Trainer
+    from seq2seq.core.config import register_configs
+    from seq2seq.data.prepare import prepare_data
+    from seq2seq.training.trainer import Trainer
 
     register_configs()
     overrides = [f"data.root={data_root}", f"data.cache_dir={cache}", *VARIANTS[name], *extra]

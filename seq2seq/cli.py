@@ -26,8 +26,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seq2seq.config import EvaluateConfig, TrainConfig, TranslateConfig, register_configs
-from seq2seq.errors import ConfigError, RunDirError, Seq2SeqError
+from seq2seq.core.config import EvaluateConfig, TrainConfig, TranslateConfig, register_configs
+from seq2seq.core.errors import ConfigError, RunDirError, Seq2SeqError
 
 log = logging.getLogger("seq2seq")
 
@@ -177,7 +177,7 @@ def _train_task(dcfg: DictConfig) -> float | None:
 
 def print_reports(reports: list) -> None:
     """The per-bucket summary of each evaluation, on stdout (the commands' own output)."""
-    from seq2seq.report import format_summary
+    from seq2seq.evaluation.report import format_summary
 
     for report, out_dir in reports:
         print(format_summary(report), flush=True)
@@ -235,7 +235,8 @@ def translate() -> None:
 
         logging.getLogger().setLevel(logging.WARNING)  # stdout carries the translations
         cfg: TranslateConfig = OmegaConf.to_object(dcfg)
-        run_translate(Path(cfg.run_dir), cfg.checkpoint.value, cfg.search, cfg.device, sys.stdin, sys.stdout)
+        run_translate(Path(cfg.run_dir), cfg.checkpoint.value, cfg.search, cfg.device, cfg.kernels, sys.stdin,
+                      sys.stdout)
         return 0
 
     _simple_command("translate", run)
@@ -248,7 +249,7 @@ def compare() -> None:
     """seq2seq-compare: one table of configs over seeds, with paired bootstrap against a baseline."""
     import argparse
 
-    from seq2seq.compare import run_compare
+    from seq2seq.evaluation.compare import run_compare
 
     parser = argparse.ArgumentParser(
         prog="seq2seq-compare",

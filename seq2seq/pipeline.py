@@ -11,11 +11,14 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from seq2seq.checkpoint import step_checkpoints
-from seq2seq.config import EvalConfig, EvaluateConfig, SearchConfig, TrainConfig
-from seq2seq.corpus import check_languages, load_corpus, read_lines
-from seq2seq.errors import DataError, RunDirError
-from seq2seq.evaluation import (
+from seq2seq.core.checkpoint import step_checkpoints
+from seq2seq.core.config import EvalConfig, EvaluateConfig, SearchConfig, TrainConfig
+from seq2seq.core.errors import DataError, RunDirError
+from seq2seq.core.files import write_text_atomic
+from seq2seq.core.tracking import Tracker
+from seq2seq.data.corpus import check_languages, load_corpus, read_lines
+from seq2seq.data.prepare import prepare_data
+from seq2seq.evaluation.evaluate import (
     LoadedModel,
     eval_dir_name,
     evaluate,
@@ -23,13 +26,10 @@ from seq2seq.evaluation import (
     load_model,
     translate_lines,
 )
-from seq2seq.files import write_text_atomic
-from seq2seq.model import check_model_config
-from seq2seq.prepare import prepare_data
-from seq2seq.report import EvalReport
-from seq2seq.search import check_search_config
-from seq2seq.tracking import Tracker
-from seq2seq.trainer import Trainer, check_trainer_config
+from seq2seq.evaluation.report import EvalReport
+from seq2seq.model.network import check_model_config
+from seq2seq.search.common import check_search_config
+from seq2seq.training.trainer import Trainer, check_trainer_config
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,12 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> list[tuple[EvalReport, Path
         return []
     reports = []
     if cfg.trainer.evaluate_at_end:
-        loaded = load_model(find_checkpoint(run_dir, "best"), cfg.trainer.device)
+        loaded = load_model(find_checkpoint(run_dir, "best"), cfg.trainer.device, cfg.trainer.kernels)
         texts = {split: raw_texts(data.splits[split]) for split in data.test_splits}
         reports = evaluate_run(run_dir, loaded, texts, cfg.search, cfg.eval)
     summary = {
         "model": trainer.model.description,
+        "engine": {"name": trainer.engine.name, **trainer.engine.paths()},
         "num_parameters": trainer.num_parameters,
         "steps": progress.step,
         "epochs": progress.epoch,
@@ -167,7 +168,7 @@ def load_split(cfg: TrainConfig, split: str) -> Dataset:
 def run_evaluate(ecfg: EvaluateConfig) -> list[tuple[EvalReport, Path]]:
     check_search_config(ecfg.search)
     run_dir = Path(ecfg.run_dir)
-    loaded = load_model(find_checkpoint(run_dir, ecfg.checkpoint.value), ecfg.device)
+    loaded = load_model(find_checkpoint(run_dir, ecfg.checkpoint.value), ecfg.device, ecfg.kernels)
     if ecfg.data_root is not None:
         loaded.cfg.data.root = ecfg.data_root
     if ecfg.src_file is not None or ecfg.ref_file is not None:
@@ -189,10 +190,10 @@ def run_evaluate(ecfg: EvaluateConfig) -> list[tuple[EvalReport, Path]]:
     return evaluate_run(run_dir, loaded, texts, ecfg.search, ecfg.eval)
 
 
-def run_translate(run_dir: Path, which: str, search, device, stream_in, stream_out) -> int:
+def run_translate(run_dir: Path, which: str, search, device, kernels, stream_in, stream_out) -> int:
     """Translate ``stream_in`` line by line to ``stream_out``, in chunks so output starts early."""
     check_search_config(search)
-    loaded = load_model(find_checkpoint(run_dir, which), device)
+    loaded = load_model(find_checkpoint(run_dir, which), device, kernels)
     chunk: list[str] = []
     count = 0
     line_no = 0

@@ -102,7 +102,7 @@ def make_data_cfg(tmp_path: Path) -> Callable[..., object]:
     """
     from omegaconf import OmegaConf
 
-    from seq2seq.config import DataConfig, register_configs
+    from seq2seq.core.config import DataConfig, register_configs
 
     def make(option: str | None = None, **overrides):
         local = {"root": str(tmp_path / "data"), "cache_dir": str(tmp_path / "cache")}
@@ -145,7 +145,7 @@ def smoke_config(cache: Path, *overrides: str):
     from omegaconf import OmegaConf
 
     from seq2seq.cli import compose_checked
-    from seq2seq.config import register_configs
+    from seq2seq.core.config import register_configs
 
     register_configs()
     cfg = compose_checked("train", ["experiment=smoke", f"data.cache_dir={cache}", "trainer.log_every=1",
@@ -156,8 +156,14 @@ def smoke_config(cache: Path, *overrides: str):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """(cache dir, prepared smoke data): SentencePiece trained once per test module."""
-    from seq2seq.prepare import prepare_data
+    from seq2seq.data.prepare import prepare_data
 
     cache = tmp_path_factory.mktemp("cache")
     cfg = smoke_config(cache)
     return cache, prepare_data(cfg.data, cfg.tokenizer)
+
+
+@pytest.fixture(params=["fast", "reference"])
+def kernels(request) -> str:
+    """Each engine in turn: tests that take this run on both (``helpers_model.engine_of``)."""
+    return request.param

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from seq2seq.batching import Batch, collate
-from seq2seq.config import AttentionConfig, AttentionType, LuongScore, ModelConfig
-from seq2seq.model import Seq2Seq, build_model
-from seq2seq.tokenizer import EOS_ID, PAD_ID
+from seq2seq.core.config import AttentionConfig, AttentionType, Kernels, LuongScore, ModelConfig
+from seq2seq.data.batching import Batch, collate
+from seq2seq.data.tokenizer import EOS_ID, PAD_ID
+from seq2seq.model.engine import Engine, build_engine
+from seq2seq.model.network import Seq2Seq, build_model
 
 SRC_VOCAB = 23
 TGT_VOCAB = 19
@@ -25,6 +26,12 @@ VARIANTS: dict[str, tuple[AttentionType, LuongScore, bool]] = {
     "luong-concat-feed": (AttentionType.luong, LuongScore.concat, True),
 }
 ATTENTIVE = [v for v in VARIANTS if v != "none"]
+KERNELS = ["fast", "reference"]  # the engines every model, gradient and search test runs on
+
+
+def engine_of(model: Seq2Seq, kernels: str = "fast") -> Engine:
+    """The CPU engine ``kernels`` over ``model``."""
+    return build_engine(model, Kernels(kernels), torch.device("cpu"))
 
 
 def model_config(variant: str, **overrides) -> ModelConfig:
@@ -62,18 +69,21 @@ def make_batch(src: list[list[int]], tgt: list[list[int]] | None = None) -> Batc
     return collate(src, tgt, range(len(src)))
 
 
-def logits_of(model: Seq2Seq, batch: Batch, **kwargs) -> torch.Tensor:
-    """(B, T, V) teacher-forced logits through ``forward`` (parallel path where it exists)."""
-    out = model(batch, **kwargs)
+def logits_of(model: Seq2Seq, batch: Batch, kernels: str = "reference", **kwargs) -> torch.Tensor:
+    """(B, T, V) teacher-forced logits through an engine's ``forward`` (parallel path where it exists)."""
+    out = engine_of(model, kernels).forward(batch, **kwargs)
     return out.logits if out.logits is not None else model.project(out.hidden)
 
 
-def stepwise_logits(model: Seq2Seq, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """Teacher-forced logits by calling ``decode_step`` by hand, one target position at a time."""
-    encoded = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+def stepwise_logits(model: Seq2Seq, batch: Batch, kernels: str = "reference"
+                    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Teacher-forced logits by calling an engine's ``decode_step`` by hand, one target position at a time."""
+    engine = engine_of(model, kernels)
+    encoded = engine.encode(batch.src, batch.src_lengths, batch.src_mask)
     state, logits, attention = encoded.state, [], []
+    weights = engine.search_weights()
     for t in range(batch.tgt_in.size(1)):
-        out = model.decode_step(batch.tgt_in[:, t], state, encoded.memory)
+        out = engine.decode_step(batch.tgt_in[:, t], state, encoded.memory, weights)
         logits.append(out.logits)
         attention.append(out.attention)
         state = out.state

@@ -20,8 +20,8 @@ import sys
 
 def main() -> None:
     kind, at = sys.argv[1], int(sys.argv[2])
-    import seq2seq.checkpoint
-    import seq2seq.trainer
+    import seq2seq.core.checkpoint
+    import seq2seq.training.trainer
     from seq2seq import cli
 
     state = {"trainer": None}
@@ -33,16 +33,16 @@ def main() -> None:
         trainer = state["trainer"]
         return -1 if trainer is None else trainer.progress.step
 
-    original_init = seq2seq.trainer.Trainer.__init__
+    original_init = seq2seq.training.trainer.Trainer.__init__
 
     def init(self, *args, **kwargs):  # remember the trainer so the patches can read its step
         original_init(self, *args, **kwargs)
         state["trainer"] = self
 
-    seq2seq.trainer.Trainer.__init__ = init
+    seq2seq.training.trainer.Trainer.__init__ = init
 
     if kind == "step":
-        original_loss = seq2seq.trainer.Trainer._loss
+        original_loss = seq2seq.training.trainer.Trainer._loss
 
         def loss(self, batch, teacher_forcing):
             value = original_loss(self, batch, teacher_forcing)
@@ -50,25 +50,25 @@ def main() -> None:
                 die()
             return value
 
-        seq2seq.trainer.Trainer._loss = loss
+        seq2seq.training.trainer.Trainer._loss = loss
     elif kind == "valid":
-        original_translate = seq2seq.trainer.translate_ids
+        original_translate = seq2seq.training.trainer.translate_ids
 
         def translate(*args, **kwargs):
             if step() == at:
                 die()
             return original_translate(*args, **kwargs)
 
-        seq2seq.trainer.translate_ids = translate
+        seq2seq.training.trainer.translate_ids = translate
     elif kind == "save":
-        original_replace = seq2seq.checkpoint.os.replace
+        original_replace = seq2seq.core.checkpoint.os.replace
 
         def replace(src, dst):
             if step() == at and str(src).endswith(".tmp"):
                 die()
             return original_replace(src, dst)
 
-        seq2seq.checkpoint.os.replace = replace
+        seq2seq.core.checkpoint.os.replace = replace
     else:
         raise SystemExit(f"unknown kill point {kind!r}")
     sys.argv = ["seq2seq-train", *sys.argv[3:]]

@@ -10,10 +10,10 @@ import pytest
 import torch
 from datasets import Dataset
 
-from seq2seq.batching import Batch, TokenBatchSampler, TokenIds, collate
-from seq2seq.config import TokenizerConfig, TrainerConfig
-from seq2seq.prepare import prepare_data, token_ids
-from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from seq2seq.core.config import TokenizerConfig, TrainerConfig
+from seq2seq.data.batching import Batch, TokenBatchSampler, TokenIds, collate
+from seq2seq.data.prepare import prepare_data, token_ids
+from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
 def random_lengths(n: int, seed: int, low: int = 1, high: int = 60) -> tuple[list[int], list[int]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seq2seq.checkpoint import (
+from seq2seq.core.checkpoint import (
     FORMAT,
     VERSION,
     bytes_to_tensor,
@@ -20,7 +20,7 @@ from seq2seq.checkpoint import (
     save_checkpoint,
     tensor_to_bytes,
 )
-from seq2seq.errors import CheckpointError, Seq2SeqError
+from seq2seq.core.errors import CheckpointError, Seq2SeqError
 
 
 def payload() -> dict:

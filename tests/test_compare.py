@@ -15,11 +15,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from seq2seq import cli
-from seq2seq.compare import CompareError, build_comparison, run_compare
-from seq2seq.compare_report import relative_bleu
-from seq2seq.compare_runs import describe
-from seq2seq.metrics import BucketScore, CorpusScore, Interval
-from seq2seq.report import EvalReport
+from seq2seq.evaluation.compare import CompareError, build_comparison, run_compare
+from seq2seq.evaluation.compare_report import relative_bleu
+from seq2seq.evaluation.compare_runs import describe
+from seq2seq.evaluation.metrics import BucketScore, CorpusScore, Interval
+from seq2seq.evaluation.report import EvalReport
 
 BLEU_SIG = "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0"
 CHRF_SIG = "nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.6.0"
@@ -190,8 +190,8 @@ def test_label_lists_other_differing_keys_but_not_seed_or_name(tmp_path):
 
 
 def test_describe_matches_model_description():
-    from seq2seq.config import AttentionConfig, AttentionType, LuongScore, ModelConfig
-    from seq2seq.model import describe as model_describe
+    from seq2seq.core.config import AttentionConfig, AttentionType, LuongScore, ModelConfig
+    from seq2seq.model.network import describe as model_describe
 
     for kind in AttentionType:
         for score in LuongScore:
@@ -219,7 +219,7 @@ def test_refuses_incomparable_reports(tmp_path, monkeypatch, capsys, kwargs, fie
 
 
 def test_missing_and_unfinished_runs_are_listed(tmp_path, caplog):
-    from seq2seq.checkpoint import save_checkpoint
+    from seq2seq.core.checkpoint import save_checkpoint
 
     root = tmp_path / "sweep"
     make_run(root, "0", attention="none", bleu=10.0)

@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from seq2seq.cli import CONFIG_DIR, compose_checked
-from seq2seq.config import (
+from seq2seq.core.config import (
     AttentionType,
     Device,
     EvaluateConfig,
@@ -21,7 +21,7 @@ from seq2seq.config import (
     TranslateConfig,
     register_configs,
 )
-from seq2seq.errors import ConfigError
+from seq2seq.core.errors import ConfigError
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 DATA = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml"))

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, DatasetDict
 
-from seq2seq.cleaning import clean_corpus, clean_split, normalize
-from seq2seq.corpus import load_corpus, read_lines
-from seq2seq.errors import ConfigError, DataError, Seq2SeqError
+from seq2seq.core.errors import ConfigError, DataError, Seq2SeqError
+from seq2seq.data.cleaning import clean_corpus, clean_split, normalize
+from seq2seq.data.corpus import load_corpus, read_lines
 
 
 def one_line(err: pytest.ExceptionInfo) -> str:

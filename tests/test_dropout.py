@@ -1,11 +1,11 @@
-"""The CPU dropout mask (seq2seq/dropout.py) behaves as nn.Dropout's."""
+"""The CPU dropout mask (seq2seq/kernels/dropout.py) behaves as nn.Dropout's."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from seq2seq.dropout import Dropout, dropout
+from seq2seq.kernels.dropout import Dropout, dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5, 0.9])

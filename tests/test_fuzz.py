@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from seq2seq.cli import compose_checked
-from seq2seq.config import DataConfig, TokenizerConfig, register_configs
-from seq2seq.errors import Seq2SeqError
+from seq2seq.core.config import DataConfig, TokenizerConfig, register_configs
+from seq2seq.core.errors import Seq2SeqError
+from seq2seq.data.prepare import prepare_data
 from seq2seq.pipeline import run_training
-from seq2seq.prepare import prepare_data
 
 
 def fuzz(examples: int) -> settings:

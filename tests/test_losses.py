@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seq2seq import losses
-from seq2seq.losses import cross_entropy
-from seq2seq.shapes import pad_batched, pad_rows
+from seq2seq.kernels import losses
+from seq2seq.kernels.losses import cross_entropy
+from seq2seq.kernels.shapes import pad_batched, pad_rows
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -87,7 +87,7 @@ def test_fewer_logit_rows_than_targets_is_refused():
 
 
 def test_padded_linear_equals_linear_for_any_row_count():
-    from seq2seq import shapes
+    from seq2seq.kernels import shapes
 
     g = torch.Generator().manual_seed(5)
     weight, bias = torch.randn(7, 5, generator=g), torch.randn(7, generator=g)

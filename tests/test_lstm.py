@@ -1,4 +1,4 @@
-"""The CPU bi-LSTM (seq2seq/lstm.py) computes what nn.LSTM over packed sequences computes."""
+"""The fast engine's bi-LSTM (seq2seq/kernels/lstm.py, via seq2seq.model.fast.encode_source) computes what nn.LSTM over packed sequences computes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from seq2seq.encoder import Encoder
+from seq2seq.model.encoder import Encoder
+from seq2seq.model.fast import encode_source
 
 LENGTHS = [7, 3, 5, 1, 7, 2]
 
@@ -31,7 +32,7 @@ def _reference(enc: Encoder, src: torch.Tensor, lengths: torch.Tensor) -> tuple[
 @pytest.mark.parametrize("layers", [1, 2])
 def test_outputs_summary_and_gradients_equal_packed_nn_lstm(layers):
     enc, src, lengths, mask = _encoder(layers)
-    ours = enc(src, lengths, mask)
+    ours = encode_source(enc, src, lengths, mask)
     ref_out, ref_summary = _reference(enc, src, lengths)
     torch.testing.assert_close(ours.outputs, ref_out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.summary, ref_summary, rtol=1e-5, atol=1e-6)
@@ -46,7 +47,7 @@ def test_outputs_summary_and_gradients_equal_packed_nn_lstm(layers):
 
 def test_padding_outputs_are_zero_and_a_sentence_does_not_depend_on_its_batch():
     enc, src, lengths, mask = _encoder(2)
-    batch = enc(src, lengths, mask)
+    batch = encode_source(enc, src, lengths, mask)
     assert not batch.outputs[~mask].any()
     _assert_each_sentence_alone_gives_the_same(enc, src, lengths, mask, batch)
 
@@ -54,25 +55,25 @@ def test_padding_outputs_are_zero_and_a_sentence_does_not_depend_on_its_batch():
 def _assert_each_sentence_alone_gives_the_same(enc: Encoder, src: torch.Tensor, lengths: torch.Tensor,
                                                mask: torch.Tensor, batch) -> None:
     for i, n in enumerate(LENGTHS):
-        alone = enc(src[i: i + 1, :n], lengths[i: i + 1], mask[i: i + 1, :n])
+        alone = encode_source(enc, src[i: i + 1, :n], lengths[i: i + 1], mask[i: i + 1, :n])
         torch.testing.assert_close(alone.outputs[0], batch.outputs[i, :n], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(alone.summary[0], batch.summary[i], rtol=1e-5, atol=1e-6)
 
 
 def test_no_grad_path_equals_the_training_path():
     enc, src, lengths, mask = _encoder(1)
-    tracked = enc(src, lengths, mask)
+    tracked = encode_source(enc, src, lengths, mask)
     with torch.no_grad():
-        plain = enc(src, lengths, mask)
+        plain = encode_source(enc, src, lengths, mask)
     assert torch.equal(tracked.outputs.detach(), plain.outputs)
     assert torch.equal(tracked.summary.detach(), plain.summary)
 
 
 def test_bf16_autocast_stays_close_to_float32_and_returns_bf16_outputs():
     enc, src, lengths, mask = _encoder(1)
-    full = enc(src, lengths, mask)
+    full = encode_source(enc, src, lengths, mask)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        half = enc(src, lengths, mask)
+        half = encode_source(enc, src, lengths, mask)
     assert half.outputs.dtype == torch.bfloat16
     assert half.summary.dtype == torch.float32  # the cell state and non-linearities stay float32
     torch.testing.assert_close(half.outputs.float(), full.outputs, rtol=0.05, atol=0.02)
@@ -87,7 +88,7 @@ def test_inference_path_equals_packed_nn_lstm_and_ignores_the_batch(layers):
     enc, src, lengths, mask = _encoder(layers, seed=3)
     enc.eval()
     with torch.no_grad():
-        ours = enc(src, lengths, mask)
+        ours = encode_source(enc, src, lengths, mask)
         ref_out, ref_summary = _reference(enc, src, lengths)
         torch.testing.assert_close(ours.outputs, ref_out, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ours.summary, ref_summary, rtol=1e-5, atol=1e-6)
@@ -99,10 +100,10 @@ def test_inference_path_under_bf16_autocast_stays_close_and_matches_the_training
     enc, src, lengths, mask = _encoder(2, seed=4)
     enc.eval()
     with torch.no_grad():
-        full = enc(src, lengths, mask)
+        full = encode_source(enc, src, lengths, mask)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            half = enc(src, lengths, mask)
-            stepped = enc.train()(src, lengths, mask)  # the step loop, for the dtypes
+            half = encode_source(enc, src, lengths, mask)
+            stepped = encode_source(enc.train(), src, lengths, mask)  # the step loop, for the dtypes
     assert half.outputs.dtype == stepped.outputs.dtype == torch.bfloat16
     assert half.summary.dtype == stepped.summary.dtype == torch.float32
     torch.testing.assert_close(half.outputs.float(), full.outputs, rtol=0.05, atol=0.02)
@@ -110,7 +111,7 @@ def test_inference_path_under_bf16_autocast_stays_close_and_matches_the_training
 
 
 def test_lstm_cell_function_matches_the_elementwise_formula_and_its_gradients():
-    from seq2seq.lstm import lstm_cell
+    from seq2seq.kernels.lstm import lstm_cell
 
     g = torch.Generator().manual_seed(3)
     gates = (2 * torch.randn(5, 4 * 6, generator=g)).requires_grad_()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from seq2seq import metrics
-from seq2seq.metrics import (
+from seq2seq.evaluation import metrics
+from seq2seq.evaluation.metrics import (
     Interval,
     assign_buckets,
     bleu_by_length,

@@ -15,6 +15,7 @@ from helpers_model import (
     SRC_VOCAB,
     TGT_VOCAB,
     VARIANTS,
+    engine_of,
     logits_of,
     make_batch,
     make_model,
@@ -23,9 +24,9 @@ from helpers_model import (
     reference_logits,
     stepwise_logits,
 )
+from reference_search import greedy_search
 
-from seq2seq.attention import AdditiveAttention, MultiplicativeAttention, NoAttention
-from seq2seq.config import (
+from seq2seq.core.config import (
     AttentionConfig,
     AttentionType,
     CorpusSource,
@@ -38,11 +39,12 @@ from seq2seq.config import (
     TrainConfig,
     TrainerConfig,
 )
-from seq2seq.encoder import EncoderOutput
-from seq2seq.errors import ConfigError
-from seq2seq.model import build_model, describe
-from seq2seq.search import greedy_search
-from seq2seq.tokenizer import PAD_ID
+from seq2seq.core.errors import ConfigError
+from seq2seq.data.tokenizer import PAD_ID
+from seq2seq.model import fast
+from seq2seq.model.attention import AdditiveAttention, MultiplicativeAttention, NoAttention
+from seq2seq.model.encoder import EncoderOutput
+from seq2seq.model.network import build_model, describe
 
 ALL = list(VARIANTS)
 
@@ -85,25 +87,25 @@ def test_builds_the_named_variant(variant):
 
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("variant", ALL)
-def test_fused_decoder_matches_a_per_step_nn_lstm(variant, layers):
+def test_fused_decoder_matches_a_per_step_nn_lstm(variant, layers, kernels):
     """The training step path, the search step and a plain nn.LSTM-per-step decoder agree."""
     model = make_model(variant, decoder_layers=layers, scale=1.5)
     batch = batch3()
     with torch.no_grad():
         expected = reference_logits(model, batch)
-        torch.testing.assert_close(logits_of(model, batch, force_steps=True), expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(stepwise_logits(model, batch)[0], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits_of(model, batch, kernels=kernels, force_steps=True), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stepwise_logits(model, batch, kernels)[0], expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("variant", ALL)
-def test_fused_decoder_gradients_match_a_per_step_nn_lstm(variant, layers):
+def test_fused_decoder_gradients_match_a_per_step_nn_lstm(variant, layers, kernels):
     """The one-matmul weight gradients of the step loop equal plain autograd's, for every parameter."""
     batch = batch3()
     grads = []
     for reference in (False, True):
         model = make_model(variant, decoder_layers=layers, scale=1.5).train()  # dropout is 0
-        logits = reference_logits(model, batch) if reference else logits_of(model, batch, force_steps=True)
+        logits = reference_logits(model, batch) if reference else logits_of(model, batch, kernels=kernels, force_steps=True)
         mask = batch.tgt_mask
         torch.nn.functional.cross_entropy(logits[mask], batch.tgt_out[mask]).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
@@ -118,12 +120,12 @@ def test_fused_decoder_gradients_match_a_per_step_nn_lstm(variant, layers):
 
 @pytest.mark.parametrize("force_steps", [False, True], ids=["default-path", "step-path"])
 @pytest.mark.parametrize("variant", ALL)
-def test_forward_shapes_and_finite_gradients_for_every_parameter(variant, force_steps):
+def test_forward_shapes_and_finite_gradients_for_every_parameter(variant, force_steps, kernels):
     model = make_model(variant).train()
     batch = batch3()
     b, s = batch.src.shape
     t = batch.tgt_in.size(1)
-    out = model(batch, force_steps=force_steps)
+    out = engine_of(model, kernels).forward(batch, force_steps=force_steps)
     assert out.hidden.shape == (b, t, model.decoder.output_size)
     assert out.logits is None  # only scheduled sampling returns logits
     logits = model.project(out.hidden)
@@ -162,13 +164,13 @@ def _check_weights(weights: torch.Tensor, src_mask: torch.Tensor, positive: bool
 
 
 @pytest.mark.parametrize("variant", ATTENTIVE)
-def test_attention_sums_to_one_and_is_zero_at_padding(variant):
+def test_attention_sums_to_one_and_is_zero_at_padding(variant, kernels):
     model = make_model(variant)
     batch = batch3()
     with torch.no_grad():
-        _check_weights(model(batch).attention, batch.src_mask)
-        _check_weights(model(batch, force_steps=True).attention, batch.src_mask)
-        _, step_attention = stepwise_logits(model, batch)
+        _check_weights(engine_of(model, kernels).forward(batch).attention, batch.src_mask)
+        _check_weights(engine_of(model, kernels).forward(batch, force_steps=True).attention, batch.src_mask)
+        _, step_attention = stepwise_logits(model, batch, kernels)
     _check_weights(torch.stack(step_attention, dim=1), batch.src_mask)
 
 
@@ -184,13 +186,13 @@ def test_attention_stays_zero_at_padding_with_huge_scores():
     _check_weights(result.weights, batch.src_mask, positive=False)
 
 
-def test_no_attention_returns_no_weights():
+def test_no_attention_returns_no_weights(kernels):
     model = make_model("none")
     batch = batch3()
     with torch.no_grad():
-        assert model(batch).attention is None
-        assert model(batch, force_steps=True).attention is None
-        _, step_attention = stepwise_logits(model, batch)
+        assert engine_of(model, kernels).forward(batch).attention is None
+        assert engine_of(model, kernels).forward(batch, force_steps=True).attention is None
+        _, step_attention = stepwise_logits(model, batch, kernels)
     assert all(a is None for a in step_attention)
 
 
@@ -198,7 +200,7 @@ def test_no_attention_returns_no_weights():
 
 
 @pytest.mark.parametrize("variant", ALL)
-def test_outputs_do_not_depend_on_padding(variant):
+def test_outputs_do_not_depend_on_padding(variant, kernels):
     model = make_model(variant)
     short_src, short_tgt = [4, 5, 6, 7], [8, 9, 10]
     long_src, long_tgt = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [4, 5, 6, 7, 8, 9, 10, 11]
@@ -207,11 +209,11 @@ def test_outputs_do_not_depend_on_padding(variant):
     t = alone.tgt_in.size(1)
     with torch.no_grad():
         for force_steps in (False, True):
-            a = logits_of(model, alone, force_steps=force_steps)[0]
-            b = logits_of(model, padded, force_steps=force_steps)[1, :t]
+            a = logits_of(model, alone, kernels=kernels, force_steps=force_steps)[0]
+            b = logits_of(model, padded, kernels=kernels, force_steps=force_steps)[1, :t]
             torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
-        step_a, _ = stepwise_logits(model, alone)
-        step_b, _ = stepwise_logits(model, padded)
+        step_a, _ = stepwise_logits(model, alone, kernels)
+        step_b, _ = stepwise_logits(model, padded, kernels)
     torch.testing.assert_close(step_b[1, :t], step_a[0], atol=1e-5, rtol=0)
 
 
@@ -219,14 +221,14 @@ def test_outputs_do_not_depend_on_padding(variant):
 
 
 @pytest.mark.parametrize("variant", ALL)
-def test_parallel_path_step_path_and_decode_step_agree(variant):
+def test_parallel_path_step_path_and_decode_step_agree(variant, kernels):
     model = make_model(variant)
     batch = batch3()
     mask = batch.tgt_mask
     with torch.no_grad():
-        default = model(batch)
-        steps = model(batch, force_steps=True)
-        by_hand, hand_attention = stepwise_logits(model, batch)
+        default = engine_of(model, kernels).forward(batch)
+        steps = engine_of(model, kernels).forward(batch, force_steps=True)
+        by_hand, hand_attention = stepwise_logits(model, batch, kernels)
     torch.testing.assert_close(model.project(steps.hidden)[mask], model.project(default.hidden)[mask],
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(by_hand[mask], model.project(default.hidden)[mask], atol=1e-5, rtol=0)
@@ -267,7 +269,7 @@ OVERFIT_TGT = [[(w % (TGT_VOCAB - FIRST_WORD)) + FIRST_WORD for w in reversed(s)
 
 
 @pytest.mark.parametrize("variant", ALL)
-def test_tiny_model_overfits_a_tiny_batch(variant):
+def test_tiny_model_overfits_a_tiny_batch(variant, kernels):
     model = make_model(variant, seed=1, encoder_hidden_size=16, decoder_hidden_size=32).train()
     batch = make_batch(OVERFIT_SRC, OVERFIT_TGT)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -275,7 +277,7 @@ def test_tiny_model_overfits_a_tiny_batch(variant):
     losses = []
     for _ in range(300):
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(logits_of(model, batch)[mask], batch.tgt_out[mask])
+        loss = torch.nn.functional.cross_entropy(logits_of(model, batch, kernels=kernels)[mask], batch.tgt_out[mask])
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
@@ -283,17 +285,17 @@ def test_tiny_model_overfits_a_tiny_batch(variant):
             break
     assert losses[-1] < 0.1, f"loss only fell from {losses[0]:.3f} to {losses[-1]:.3f} in 300 steps"
     model.eval()
-    hyps = greedy_search(model, batch, SearchConfig())
+    hyps = greedy_search(engine_of(model, kernels), batch, SearchConfig())
     assert [h.tokens for h in hyps] == OVERFIT_TGT
 
 
 # ----------------------------------------------------------------------------- the bottleneck
 
 
-def _noisy_encoder(model, scale: float = 3.0):
-    """Wrap the encoder so its per-position outputs get noise at every position but the last
-    real one; the summary (what the plain encoder-decoder sees) is left untouched."""
-    original = model.encoder.forward
+def _noisy_encoder(original, scale: float = 3.0):
+    """Wrap an encoder function (src, lengths, mask) -> EncoderOutput so its per-position outputs
+    get noise at every position but the last real one; the summary (what the plain
+    encoder-decoder sees) is left untouched."""
     gen = torch.Generator().manual_seed(7)
 
     def forward(src, src_lengths, src_mask):
@@ -308,16 +310,21 @@ def _noisy_encoder(model, scale: float = 3.0):
 
 
 @pytest.mark.parametrize("variant", ALL)
-def test_only_attention_models_see_more_than_the_summary(variant, monkeypatch):
+def test_only_attention_models_see_more_than_the_summary(variant, monkeypatch, kernels):
     model = make_model(variant)
     batch = batch3()
     mask = batch.tgt_mask
     with torch.no_grad():
-        clean = logits_of(model, batch)[mask]
-        clean_steps, _ = stepwise_logits(model, batch)
-        monkeypatch.setattr(model.encoder, "forward", _noisy_encoder(model))
-        noisy = logits_of(model, batch)[mask]
-        noisy_steps, _ = stepwise_logits(model, batch)
+        clean = logits_of(model, batch, kernels=kernels)[mask]
+        clean_steps, _ = stepwise_logits(model, batch, kernels)
+        if kernels == "reference":
+            monkeypatch.setattr(model.encoder, "forward", _noisy_encoder(model.encoder.forward))
+        else:
+            plain = fast.encode_source
+            noisy_fast = _noisy_encoder(lambda *args: plain(model.encoder, *args))
+            monkeypatch.setattr(fast, "encode_source", lambda _encoder, *args: noisy_fast(*args))
+        noisy = logits_of(model, batch, kernels=kernels)[mask]
+        noisy_steps, _ = stepwise_logits(model, batch, kernels)
     if variant == "none":  # a fixed-vector model never reads the per-position states
         assert torch.equal(noisy, clean)
         assert torch.equal(noisy_steps[mask], clean_steps[mask])
@@ -341,10 +348,10 @@ def test_no_attention_memory_is_the_summary_alone():
 
 
 @pytest.mark.parametrize("variant", ALL)
-def test_scheduled_sampling_runs_and_returns_logits(variant):
+def test_scheduled_sampling_runs_and_returns_logits(variant, kernels):
     model = make_model(variant).train()
     batch = batch3()
-    out = model(batch, teacher_forcing=0.5)
+    out = engine_of(model, kernels).forward(batch, teacher_forcing=0.5)
     assert out.logits is not None
     assert out.logits.shape == (3, batch.tgt_in.size(1), TGT_VOCAB)
     assert torch.isfinite(out.logits).all()
@@ -355,12 +362,12 @@ def test_scheduled_sampling_runs_and_returns_logits(variant):
 
 
 @pytest.mark.parametrize("variant", ALL)
-def test_teacher_forcing_zero_feeds_the_models_own_predictions(variant):
+def test_teacher_forcing_zero_feeds_the_models_own_predictions(variant, kernels):
     """Ratio 0: every step after the first gets the argmax of the previous step's logits."""
     model = make_model(variant)
     batch = batch3()
     with torch.no_grad():
-        out = model(batch, teacher_forcing=0.0)
+        out = engine_of(model, kernels).forward(batch, teacher_forcing=0.0)
         encoded = model.encode(batch.src, batch.src_lengths, batch.src_mask)
         state, prev, expected = encoded.state, batch.tgt_in[:, 0], []
         for _ in range(batch.tgt_in.size(1)):
@@ -369,17 +376,17 @@ def test_teacher_forcing_zero_feeds_the_models_own_predictions(variant):
             state, prev = step.state, step.logits.argmax(-1)
     torch.testing.assert_close(out.logits, torch.stack(expected, dim=1), atol=1e-5, rtol=0)
     # ... which differs from teacher forcing (so the test above can fail).
-    forced = logits_of(model, batch)
+    forced = logits_of(model, batch, kernels=kernels)
     assert (forced - out.logits).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("variant", ALL)
-def test_teacher_forcing_one_equals_the_parallel_path(variant):
+def test_teacher_forcing_one_equals_the_parallel_path(variant, kernels):
     model = make_model(variant)
     batch = batch3()
     with torch.no_grad():
-        stepped = model(batch, teacher_forcing=1.0, force_steps=True)
-        default = model(batch, teacher_forcing=1.0)
+        stepped = engine_of(model, kernels).forward(batch, teacher_forcing=1.0, force_steps=True)
+        default = engine_of(model, kernels).forward(batch, teacher_forcing=1.0)
     assert stepped.logits is None
     mask = batch.tgt_mask
     torch.testing.assert_close(model.project(stepped.hidden)[mask], model.project(default.hidden)[mask],
@@ -390,7 +397,7 @@ def test_teacher_forcing_one_equals_the_parallel_path(variant):
 
 
 @pytest.mark.parametrize("variant", ["none", "bahdanau", "luong-general-feed"])
-def test_tied_embeddings_share_the_weight(variant):
+def test_tied_embeddings_share_the_weight(variant, kernels):
     model = make_model(variant, tie_embeddings=True, embedding_size=20)
     assert model.output_layer.weight is model.decoder.embedding.weight
     assert model.decoder.output_size == 20
@@ -400,7 +407,7 @@ def test_tied_embeddings_share_the_weight(variant):
     assert n_state - n_params == TGT_VOCAB * 20
     model.train()
     batch = batch3()
-    logits = logits_of(model, batch)
+    logits = logits_of(model, batch, kernels=kernels)
     assert logits.shape == (3, batch.tgt_in.size(1), TGT_VOCAB)
     logits[batch.tgt_mask].logsumexp(-1).sum().backward()
     assert model.decoder.embedding.weight.grad is not None
@@ -439,8 +446,8 @@ def test_dot_with_equal_sizes_builds_and_general_accepts_any_sizes():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """Synthetic data, a SentencePiece model and a tiny Trainer (a few real updates)."""
-    from seq2seq.prepare import prepare_data
-    from seq2seq.trainer import Trainer
+    from seq2seq.data.prepare import prepare_data
+    from seq2seq.training.trainer import Trainer
 
     root = tmp_path_factory.mktemp("tiny_run")
     data = DataConfig(corpus="synthetic", source=CorpusSource.synthetic, languages=["src", "tgt"],
@@ -463,7 +470,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_checkpoint_round_trip_gives_identical_logits(tiny_run):
-    from seq2seq.evaluation import load_model
+    from seq2seq.evaluation.evaluate import load_model
 
     trainer, path = tiny_run
     loaded = load_model(Path(path), Device.cpu)
@@ -484,7 +491,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tiny_run):
 
 
 def test_restore_continues_from_the_saved_position(tiny_run, tmp_path):
-    from seq2seq.trainer import Trainer
+    from seq2seq.training.trainer import Trainer
 
     trainer, path = tiny_run
     fresh = Trainer(trainer.cfg, trainer.data, path.parent.parent)
@@ -500,7 +507,7 @@ def test_restore_continues_from_the_saved_position(tiny_run, tmp_path):
 
 
 def test_additive_scores_match_autograd_and_pass_gradcheck():
-    from seq2seq.attention import AdditiveScores
+    from seq2seq.kernels.scores import AdditiveScores
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(3, 4, 1, 6, dtype=torch.float64, generator=g, requires_grad=True)
@@ -515,20 +522,22 @@ def test_additive_scores_match_autograd_and_pass_gradcheck():
 
 
 @pytest.mark.parametrize("variant", ALL)
-def test_beams_sharing_one_memory_row_step_as_with_a_memory_row_each(variant):
+def test_beams_sharing_one_memory_row_step_as_with_a_memory_row_each(variant, kernels):
     """Beam search keeps one memory row per sentence for its K beams; a step must give what it
     gives with the memory copied to every beam."""
     model = make_model(variant)
     batch = batch3()
     k = 3
     with torch.no_grad():
-        encoded = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+        engine = engine_of(model, kernels)
+        weights = engine.search_weights()
+        encoded = engine.encode(batch.src, batch.src_lengths, batch.src_mask)
         rows = torch.arange(batch.src.size(0)).repeat_interleave(k)
         state = encoded.state.select(rows)
         prev = torch.randint(4, 19, (rows.numel(),), generator=torch.Generator().manual_seed(0))
         for _ in range(3):  # a few steps, so the fed state differs between beams
-            shared = model.decode_step(prev, state, encoded.memory)
-            copied = model.decode_step(prev, state, encoded.memory.select(rows))
+            shared = engine.decode_step(prev, state, encoded.memory, weights)
+            copied = engine.decode_step(prev, state, encoded.memory.select(rows), weights)
             torch.testing.assert_close(shared.logits, copied.logits, atol=1e-5, rtol=0)
             if copied.attention is not None:
                 torch.testing.assert_close(shared.attention, copied.attention, atol=1e-6, rtol=0)

@@ -1,5 +1,5 @@
-"""The one-node training loops (``seq2seq/feedloop.py`` for Luong attention with input feeding,
-``seq2seq/bahdanauloop.py`` for Bahdanau attention): their outputs and every parameter's gradient
+"""The one-node training loops (``seq2seq/kernels/feedloop.py`` for Luong attention with input feeding,
+``seq2seq/kernels/bahdanauloop.py`` for Bahdanau attention): their outputs and every parameter's gradient
 against the textbook decoder (``nn.LSTM`` per step, autograd), in float32 and under bf16 autocast,
 and which models take them."""
 
@@ -11,6 +11,7 @@ from helpers_model import (
     SRC_VOCAB,
     TGT_VOCAB,
     VARIANTS,
+    engine_of,
     logits_of,
     make_batch,
     make_model,
@@ -18,7 +19,7 @@ from helpers_model import (
     reference_logits,
 )
 
-from seq2seq.decoder import Decoder
+from seq2seq.model.fast import FastDecoder
 
 LOOPED = ["luong-general-feed", "luong-dot-feed", "bahdanau"]  # the models that take a one-node loop
 FEED = [v for v, (_, _, feed) in VARIANTS.items() if feed]
@@ -41,24 +42,28 @@ def _gradients(model, logits_fn, batch, seed: int = 3) -> tuple[torch.Tensor, di
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _fast_logits(model, batch) -> torch.Tensor:
+    return logits_of(model, batch, kernels="fast")
+
+
 def _autograd_loop(monkeypatch) -> None:
     """Send every model through the autograd step loop instead (the path the loops replaced)."""
-    monkeypatch.setattr(Decoder, "_one_node_loop", property(lambda self: False))
+    monkeypatch.setattr(FastDecoder, "loop", property(lambda self: "steps"))
 
 
 @pytest.mark.parametrize("variant", LOOPED)
 def test_multiplicative_feed_and_bahdanau_models_take_a_one_node_loop(variant):
-    assert make_model(variant).decoder._one_node_loop
+    assert FastDecoder(make_model(variant).decoder).loop in ("feed", "bahdanau")
 
 
 @pytest.mark.parametrize("variant", sorted(set(VARIANTS) - set(LOOPED)))
 def test_other_models_do_not(variant):
-    assert not make_model(variant).decoder._one_node_loop
+    assert FastDecoder(make_model(variant).decoder).loop in ("parallel", "steps")
 
 
 @pytest.mark.parametrize("variant", LOOPED)
 def test_two_layer_models_keep_the_autograd_loop(variant):
-    assert not make_model(variant, decoder_layers=2).decoder._one_node_loop
+    assert FastDecoder(make_model(variant, decoder_layers=2).decoder).loop == "steps"
 
 
 @pytest.mark.parametrize("variant", [*FEED, "bahdanau"])
@@ -67,7 +72,7 @@ def test_logits_and_every_gradient_match_the_textbook_decoder(variant, max_tgt):
     model = make_model(variant, scale=1.5).train()  # dropout is 0: training mode, same numbers
     batch = _batch(max_tgt=max_tgt)
     expected, expected_grads = _gradients(model, reference_logits, batch)
-    logits, grads = _gradients(model, logits_of, batch)
+    logits, grads = _gradients(model, _fast_logits, batch)
     mask = batch.tgt_mask
     torch.testing.assert_close(logits[mask], expected[mask], atol=1e-5, rtol=1e-5)
     assert grads.keys() == expected_grads.keys()
@@ -84,7 +89,7 @@ def test_bf16_autocast_matches_the_autograd_loop_to_bf16_rounding(variant, monke
 
     def autocast_logits(m, b):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return logits_of(m, b)
+            return _fast_logits(m, b)
 
     logits, grads = _gradients(model, autocast_logits, batch)
     with monkeypatch.context() as patch:
@@ -102,9 +107,9 @@ def test_bf16_autocast_matches_the_autograd_loop_to_bf16_rounding(variant, monke
 def test_without_gradients_gives_the_same_states_and_weights(variant):
     model = make_model(variant).train()
     batch = _batch()
-    with_grad = model(batch)
+    with_grad = engine_of(model, "fast").forward(batch)
     with torch.no_grad():
-        without = model(batch)
+        without = engine_of(model, "fast").forward(batch)
     torch.testing.assert_close(without.hidden, with_grad.hidden.detach(), atol=0, rtol=0)
     torch.testing.assert_close(without.attention, with_grad.attention, atol=0, rtol=0)
     assert not with_grad.attention.requires_grad  # the weights are reported, not differentiated
@@ -115,7 +120,7 @@ def test_scheduled_sampling_still_trains(variant):
     """Sampling runs the autograd loop (the words depend on the model's own predictions)."""
     model = make_model(variant).train()
     batch = _batch()
-    out = model(batch, teacher_forcing=0.5)
+    out = engine_of(model, "fast").forward(batch, teacher_forcing=0.5)
     assert out.logits is not None
     out.logits.sum().backward()
     assert model.decoder.rnn.weight_hh_l0.grad.abs().sum() > 0

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from seq2seq.optim import Adam, PlateauSchedule, StepSchedule, clip_scale, gradient_norm
+from seq2seq.training.optim import Adam, PlateauSchedule, StepSchedule, clip_scale, gradient_norm
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -173,7 +173,7 @@ def test_plateau_schedule_matches_reduce_lr_on_plateau():
 def test_building_the_trainer_optimizer_does_not_import_dynamo():
     """The point of not using torch.optim: no TorchDynamo import (tens of MB, a second)."""
     code = ("import sys, torch\n"
-            "from seq2seq.optim import Adam, StepSchedule\n"
+            "from seq2seq.training.optim import Adam, StepSchedule\n"
             "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
             "opt = Adam([p], lr=0.1); StepSchedule(opt, lambda _: 1.0).after_update(); opt.step()\n"
             "print('torch._dynamo' in sys.modules)\n")

@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import smoke_config
 
-from seq2seq.checkpoint import load_checkpoint, load_latest, step_checkpoints
-from seq2seq.errors import CheckpointError, TrainingError
+from seq2seq.core.checkpoint import load_checkpoint, load_latest, step_checkpoints
+from seq2seq.core.errors import CheckpointError, TrainingError
 from seq2seq.pipeline import run_training
-from seq2seq.trainer import Trainer
+from seq2seq.training.trainer import Trainer
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -70,7 +70,7 @@ def test_a_kill_inside_a_checkpoint_write_leaves_the_old_files(prepared, tmp_pat
     def crash(src, dst):
         raise KeyboardInterrupt  # stands in for a kill between writing and renaming
 
-    monkeypatch.setattr("seq2seq.checkpoint.os.replace", crash)
+    monkeypatch.setattr("seq2seq.core.checkpoint.os.replace", crash)
     trainer.progress.step = 6
     with pytest.raises(KeyboardInterrupt):
         trainer.save()
@@ -248,7 +248,7 @@ def test_resuming_a_finished_run_says_so(prepared, uninterrupted, tmp_path) -> N
 def test_a_full_disk_is_detected_before_training(prepared, tmp_path: Path, monkeypatch) -> None:
     import shutil
 
-    from seq2seq.errors import RunDirError
+    from seq2seq.core.errors import RunDirError
 
     cache, _ = prepared
     usage = shutil.disk_usage(tmp_path)
@@ -273,7 +273,7 @@ def test_a_disk_that_fills_up_during_training_stops_with_a_clear_error(prepared,
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(obj, f)
 
-    monkeypatch.setattr("seq2seq.checkpoint.torch.save", save)
+    monkeypatch.setattr("seq2seq.core.checkpoint.torch.save", save)
     with pytest.raises(TrainingError, match=r"cannot write a checkpoint .* at step 6 \(No space left on device\)"):
         trainer.fit()
     monkeypatch.undo()

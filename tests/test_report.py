@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from seq2seq.metrics import BucketScore, Interval, bleu_by_length, corpus_score
-from seq2seq.report import (
+from seq2seq.evaluation.metrics import BucketScore, Interval, bleu_by_length, corpus_score
+from seq2seq.evaluation.report import (
     EvalReport,
     format_summary,
     plot_bleu_by_length,

@@ -10,24 +10,21 @@ import math
 import pytest
 import torch
 from helpers_model import (
+    ATTENTIVE,
     SRC_VOCAB,
     assert_same_or_tie,
+    engine_of,
     make_batch,
     make_model,
     random_sentences,
     sequence_logprob,
 )
+from reference_search import beam_search, decode, greedy_search
 
-from seq2seq.config import SearchConfig
-from seq2seq.search import (
-    beam_search,
-    decode,
-    greedy_search,
-    max_lengths,
-    search_label,
-)
-from seq2seq.tokenizer import EOS_ID
-from seq2seq.translate import translate_ids
+from seq2seq.core.config import SearchConfig
+from seq2seq.data.tokenizer import EOS_ID
+from seq2seq.search.common import max_lengths, search_label
+from seq2seq.search.translate import translate_ids
 
 CPU = torch.device("cpu")
 # (variant, seed, EOS bias, weight scale): untrained models with flat (scale 1) and peakier output
@@ -45,34 +42,34 @@ MODEL_IDS = [f"{v}-seed{s}-eos{b:g}-x{k:g}" for v, s, b, k in MODELS]
 
 
 @pytest.mark.parametrize(("variant", "seed", "eos_bias", "scale"), MODELS, ids=MODEL_IDS)
-def test_beam_size_one_is_greedy(variant, seed, eos_bias, scale):
+def test_beam_size_one_is_greedy(variant, seed, eos_bias, scale, kernels):
     model = make_model(variant, seed, eos_bias=eos_bias, scale=scale)
     src = random_sentences(8, 1, 9, SRC_VOCAB, seed)
     batch = make_batch(src)
-    greedy = greedy_search(model, batch, SearchConfig())
+    greedy = greedy_search(engine_of(model, kernels), batch, SearchConfig())
     for alpha in (0.0, 0.6, 1.0, 2.0):
-        beam = beam_search(model, batch, SearchConfig(beam_size=1, length_penalty=alpha))
+        beam = beam_search(engine_of(model, kernels), batch, SearchConfig(beam_size=1, length_penalty=alpha))
         for s, g, b in zip(src, greedy, beam):
             assert_same_or_tie(model, s, g.tokens, b.tokens)
             if g.tokens == b.tokens:
                 n = len(g.tokens) + 1  # EOS counts
                 assert b.score == pytest.approx(g.score / ((5 + n) / 6) ** alpha, abs=1e-4)
     # decode() picks greedy for beam size 1
-    assert [h.tokens for h in decode(model, batch, SearchConfig(beam_size=1))] == [h.tokens for h in greedy]
+    assert [h.tokens for h in decode(engine_of(model, kernels), batch, SearchConfig(beam_size=1))] == [h.tokens for h in greedy]
 
 
 # ----------------------------------------------------------------------------- batching
 
 
 @pytest.mark.parametrize(("variant", "seed", "eos_bias", "scale"), MODELS[1::2], ids=MODEL_IDS[1::2])
-def test_batched_and_one_at_a_time_decoding_agree(variant, seed, eos_bias, scale):
+def test_batched_and_one_at_a_time_decoding_agree(variant, seed, eos_bias, scale, kernels):
     model = make_model(variant, seed, eos_bias=eos_bias, scale=scale)
     src = random_sentences(7, 1, 12, SRC_VOCAB, seed + 100)
     batch = make_batch(src)
     for cfg in (SearchConfig(), SearchConfig(beam_size=5)):
-        together = decode(model, batch, cfg)
+        together = decode(engine_of(model, kernels), batch, cfg)
         for s, hyp in zip(src, together):
-            alone = decode(model, make_batch([s]), cfg)[0]
+            alone = decode(engine_of(model, kernels), make_batch([s]), cfg)[0]
             if cfg.beam_size == 1:
                 assert_same_or_tie(model, s, hyp.tokens, alone.tokens)
             else:
@@ -91,20 +88,20 @@ def _expected_tokens(src_len: int, ratio: float, offset: int, cap: int) -> int:
 @pytest.mark.parametrize("beam_size", [1, 3])
 @pytest.mark.parametrize(("ratio", "offset", "cap"), [(2.0, 10, 512), (1.5, 2, 512), (1.0, 0, 512),
                                                       (2.0, 10, 7), (0.0, 0, 512)])
-def test_length_cap_is_respected(beam_size, ratio, offset, cap):
+def test_length_cap_is_respected(beam_size, ratio, offset, cap, kernels):
     model = make_model("bahdanau", 0, eos_bias=-1e4)  # never ends on its own
     src = [[5] * n for n in (1, 2, 4, 9, 13)]
     cfg = SearchConfig(beam_size=beam_size, max_len_ratio=ratio, max_len_offset=offset)
-    hyps = decode(model, make_batch(src), cfg, cap=cap)
+    hyps = decode(engine_of(model, kernels), make_batch(src), cfg, cap=cap)
     got = [len(h.tokens) for h in hyps]
     assert got == [_expected_tokens(len(s), ratio, offset, cap) for s in src]
     assert all(EOS_ID not in h.tokens for h in hyps)
 
 
 @pytest.mark.parametrize("beam_size", [1, 4])
-def test_a_model_that_ends_at_once_gives_empty_hypotheses(beam_size):
+def test_a_model_that_ends_at_once_gives_empty_hypotheses(beam_size, kernels):
     model = make_model("luong-general", 0, eos_bias=1e4)
-    hyps = decode(model, make_batch([[4, 5, 6], [7]]), SearchConfig(beam_size=beam_size))
+    hyps = decode(engine_of(model, kernels), make_batch([[4, 5, 6], [7]]), SearchConfig(beam_size=beam_size))
     assert [h.tokens for h in hyps] == [[], []]
 
 
@@ -116,11 +113,11 @@ def test_max_lengths():
     assert max_lengths(lengths, SearchConfig(max_len_ratio=0.0, max_len_offset=0), cap=9).tolist() == [1, 1, 1]
 
 
-def test_a_ten_thousand_token_source_is_translated_with_a_capped_output():
+def test_a_ten_thousand_token_source_is_translated_with_a_capped_output(kernels):
     src = [random_sentences(1, 10_000, 10_000, SRC_VOCAB, seed=9)[0], [4, 5, 6]]
     for bias, beam_size in ((-1e4, 1), (-1e4, 3), (0.0, 1)):
         model = make_model("bahdanau", 1, eos_bias=bias)
-        hyps = translate_ids(model, src, SearchConfig(beam_size=beam_size), CPU, cap=20)
+        hyps = translate_ids(engine_of(model, kernels), src, SearchConfig(beam_size=beam_size), CPU, cap=20)
         assert len(hyps[0].tokens) <= 19
         if bias < 0:  # cannot end early: exactly the cap (EOS counted) for the long one
             assert len(hyps[0].tokens) == 19
@@ -131,13 +128,13 @@ def test_a_ten_thousand_token_source_is_translated_with_a_capped_output():
 
 
 @pytest.mark.parametrize(("variant", "seed", "eos_bias", "scale"), MODELS, ids=MODEL_IDS)
-def test_beam_finds_at_least_as_probable_a_hypothesis_as_greedy(variant, seed, eos_bias, scale):
+def test_beam_finds_at_least_as_probable_a_hypothesis_as_greedy(variant, seed, eos_bias, scale, kernels):
     model = make_model(variant, seed, eos_bias=eos_bias, scale=scale)
     src = random_sentences(6, 1, 8, SRC_VOCAB, seed + 200)
     batch = make_batch(src)
-    greedy = greedy_search(model, batch, SearchConfig())
-    beam = beam_search(model, batch, SearchConfig(beam_size=5, length_penalty=0.0))
-    normalised = beam_search(model, batch, SearchConfig(beam_size=5, length_penalty=1.0))
+    greedy = greedy_search(engine_of(model, kernels), batch, SearchConfig())
+    beam = beam_search(engine_of(model, kernels), batch, SearchConfig(beam_size=5, length_penalty=0.0))
+    normalised = beam_search(engine_of(model, kernels), batch, SearchConfig(beam_size=5, length_penalty=1.0))
     for s, g, b, nb in zip(src, greedy, beam, normalised):
         g_logp = sequence_logprob(model, s, g.tokens)
         b_logp = sequence_logprob(model, s, b.tokens)
@@ -150,7 +147,7 @@ def test_beam_finds_at_least_as_probable_a_hypothesis_as_greedy(variant, seed, e
         assert b_logp >= g_logp - 1e-4
 
 
-def test_a_beam_that_holds_every_prefix_finds_the_exact_optimum():
+def test_a_beam_that_holds_every_prefix_finds_the_exact_optimum(kernels):
     """Vocabulary 6 (5 tokens besides EOS), at most 2 tokens: 31 hypotheses in all. A beam of 30
     keeps every prefix, so with no length penalty it must return the most probable one."""
     cfg = SearchConfig(beam_size=30, length_penalty=0.0, max_len_ratio=0.0, max_len_offset=3)
@@ -161,7 +158,7 @@ def test_a_beam_that_holds_every_prefix_finds_the_exact_optimum():
         model = make_model("luong-general-feed", seed, tgt_vocab=6, eos_bias=-1.0 + seed * 0.5)
         src = random_sentences(1, 2, 6, SRC_VOCAB, seed)[0]
         best = max(sequence_logprob(model, src, c) for c in candidates)
-        hyp = beam_search(model, make_batch([src]), cfg)[0]
+        hyp = beam_search(engine_of(model, kernels), make_batch([src]), cfg)[0]
         assert len(hyp.tokens) <= 2
         assert sequence_logprob(model, src, hyp.tokens) == pytest.approx(best, abs=1e-5)
         assert hyp.score == pytest.approx(best, abs=1e-4)
@@ -171,53 +168,61 @@ def test_a_beam_that_holds_every_prefix_finds_the_exact_optimum():
 
 
 @pytest.mark.parametrize("beam_size", [1, 3])
-def test_translate_ids_keeps_the_input_order(beam_size):
+def test_translate_ids_keeps_the_input_order(beam_size, kernels):
     src = [random_sentences(1, n, n, SRC_VOCAB, seed=n)[0] for n in (5, 1, 9, 3, 7, 2, 8, 4)]
     cfg = SearchConfig(beam_size=beam_size, batch_size=3)
     # A model that decides itself when to stop, with input-dependent output ...
     model = make_model("luong-general-feed", 0, scale=2.5)
-    hyps = translate_ids(model, src, cfg, CPU)
+    hyps = translate_ids(engine_of(model, kernels), src, cfg, CPU)
     assert len(hyps) == len(src)
-    alone = [decode(model, make_batch([s]), cfg)[0] for s in src]
+    alone = [decode(engine_of(model, kernels), make_batch([s]), cfg)[0] for s in src]
     for s, h, a in zip(src, hyps, alone):
         assert_same_or_tie(model, s, h.tokens, a.tokens)
     assert len({tuple(h.tokens) for h in hyps}) >= 4  # distinct outputs: a reordering would show
     # ... and one that runs to each sentence's own length cap.
     model = make_model("bahdanau", 0, eos_bias=-1e4)
-    lengths = [len(h.tokens) for h in translate_ids(model, src, cfg, CPU)]
+    lengths = [len(h.tokens) for h in translate_ids(engine_of(model, kernels), src, cfg, CPU)]
     assert lengths == [_expected_tokens(len(s), cfg.max_len_ratio, cfg.max_len_offset, 512) for s in src]
 
 
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
-def test_translate_ids_scores_greedy_output_only_when_asked(amp_dtype):
+def test_translate_ids_scores_greedy_output_only_when_asked(amp_dtype, kernels):
     """Unscored greedy decoding skips the normaliser, nothing else: the same tokens; scored, each
     score is the hypothesis' log-probability; beam search always scores."""
     src = random_sentences(12, 1, 9, SRC_VOCAB, seed=3)
     model = make_model("luong-general-feed", 0, scale=2.5)
     greedy, beam = SearchConfig(batch_size=4), SearchConfig(beam_size=3, batch_size=4)
-    plain = translate_ids(model, src, greedy, CPU, amp_dtype)
-    scored = translate_ids(model, src, greedy, CPU, amp_dtype, scored=True)
+    plain = translate_ids(engine_of(model, kernels), src, greedy, CPU, amp_dtype)
+    scored = translate_ids(engine_of(model, kernels), src, greedy, CPU, amp_dtype, scored=True)
     assert [h.tokens for h in plain] == [h.tokens for h in scored]
     assert all(h.score is None for h in plain)
     if amp_dtype is None:
         for s, h in zip(src, scored):
             assert h.score == pytest.approx(sequence_logprob(model, s, h.tokens), abs=1e-4)
-    assert all(isinstance(h.score, float) for h in translate_ids(model, src, beam, CPU, amp_dtype))
+    assert all(isinstance(h.score, float) for h in translate_ids(engine_of(model, kernels), src, beam, CPU, amp_dtype))
 
 
-def test_translate_ids_with_no_sentences():
-    assert translate_ids(make_model("none"), [], SearchConfig(), CPU) == []
+def test_translate_ids_with_no_sentences(kernels):
+    assert translate_ids(engine_of(make_model("none"), kernels), [], SearchConfig(), CPU) == []
 
 
-def test_greedy_attention_rows_cover_each_source_and_sum_to_one():
-    model = make_model("bahdanau", 1, eos_bias=2.0)
-    src = [[4, 5, 6, 7, 8, 9], [10, 11]]
-    hyps = greedy_search(model, make_batch(src), SearchConfig(), keep_attention=True)
-    for s, h in zip(src, hyps):
+@pytest.mark.parametrize("variant", ATTENTIVE)
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_kept_attention_is_the_attention_the_search_saw(variant, beam_size, kernels):
+    """translate_ids' attention rows (from a teacher-forced pass over each output) cover each
+    source, sum to one, and equal what the step-by-step search computed along the way."""
+    model = make_model(variant, 1, eos_bias=2.0)
+    engine = engine_of(model, kernels)
+    src = [[4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    hyps = translate_ids(engine, src, SearchConfig(beam_size=beam_size), CPU, keep_attention=True)
+    stepwise = greedy_search(engine, make_batch(src), SearchConfig(), keep_attention=True)
+    for s, h, g in zip(src, hyps, stepwise):
         assert h.attention.shape == (len(h.tokens) + 1, len(s) + 1)  # EOS on both sides
         torch.testing.assert_close(h.attention.sum(-1), torch.ones(len(h.tokens) + 1), atol=1e-5, rtol=0)
+        if beam_size == 1 and h.tokens == g.tokens:
+            torch.testing.assert_close(h.attention, g.attention, atol=1e-5, rtol=0)
     # A model without attention has none to keep.
-    none = greedy_search(make_model("none"), make_batch(src), SearchConfig(), keep_attention=True)
+    none = translate_ids(engine_of(make_model("none"), kernels), src, SearchConfig(), CPU, keep_attention=True)
     assert all(h.attention is None for h in none)
 
 
@@ -230,7 +235,7 @@ def test_search_label():
 def test_compaction_keeps_a_multiple_of_eight_rows_with_every_unfinished_one():
     import torch
 
-    from seq2seq.search import compact_to, kept_rows
+    from seq2seq.search.common import compact_to, kept_rows
 
     assert compact_to(0, 64) == 64  # nothing finished
     assert compact_to(10, 64) == 64  # under a quarter finished

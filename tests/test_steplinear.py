@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seq2seq.steplinear import PackedLinear, SharedWeight, can_pack
+from seq2seq.kernels.steplinear import PackedLinear, SharedWeight, can_pack
 
 
 def _pieces(seed: int) -> list[torch.Tensor]:

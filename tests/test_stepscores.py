@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seq2seq.stepscores import (
+from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from seq2seq.search.stepscores import (
     ban,
     beam_candidates,
     chunk_size,
     greedy_choice,
     log_normaliser,
 )
-from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
 def reference_logp(logits: torch.Tensor, at_cap: torch.Tensor | None) -> torch.Tensor:

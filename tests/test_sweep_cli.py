@@ -8,7 +8,7 @@ from pathlib import Path
 
 from test_train_cli import ok, run_cli
 
-from seq2seq.compare_runs import find_run_dirs
+from seq2seq.evaluation.compare_runs import find_run_dirs
 
 
 def test_multirun_sweep_ends_in_a_comparison(tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ from dataclasses import replace
 
 import pytest
 
-from seq2seq.config import SyntheticConfig
-from seq2seq.errors import ConfigError
-from seq2seq.synthetic import SPLITS, build_lexicon, generate_synthetic, translate
+from seq2seq.core.config import SyntheticConfig
+from seq2seq.core.errors import ConfigError
+from seq2seq.data.synthetic import SPLITS, build_lexicon, generate_synthetic, translate
 
 SMALL = SyntheticConfig(train_size=2000, valid_size=100, test_size=200)
 LINE = re.compile(r"^[a-z]+( [a-z]+)* \.$")

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-import seq2seq.tokenizer as tokenizer_module
-from seq2seq.cleaning import normalize
-from seq2seq.config import SpmModelType, TokenizerConfig
-from seq2seq.errors import ConfigError
-from seq2seq.prepare import prepare_data
-from seq2seq.tokenizer import (
+import seq2seq.data.tokenizer as tokenizer_module
+from seq2seq.core.config import SpmModelType, TokenizerConfig
+from seq2seq.core.errors import ConfigError
+from seq2seq.data.cleaning import normalize
+from seq2seq.data.prepare import prepare_data
+from seq2seq.data.tokenizer import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
@@ -251,7 +251,7 @@ def test_unwritable_cache_dir(corpus_writer, make_data_cfg, toy_splits, tmp_path
     corpus_writer(toy_splits)
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    from seq2seq.errors import DataError
+    from seq2seq.core.errors import DataError
 
     with pytest.raises(DataError) as err:
         prepare_data(make_data_cfg(cache_dir=str(blocker / "cache")), TOK)

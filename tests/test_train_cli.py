@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from seq2seq.checkpoint import load_checkpoint
-from seq2seq.config import TrainConfig
-from seq2seq.corpus import load_corpus
+from seq2seq.core.checkpoint import load_checkpoint
+from seq2seq.core.config import TrainConfig
+from seq2seq.data.corpus import load_corpus
 
 BIN = Path(sys.executable).parent
 SHORT = ["trainer.max_steps=20", "trainer.valid_every=10", "eval.bootstrap_samples=1000"]

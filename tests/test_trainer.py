@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import smoke_config
 
-from seq2seq.config import TeacherForcingSchedule
-from seq2seq.errors import ConfigError, RunDirError, TrainingError
-from seq2seq.trainer import Trainer, check_trainer_config, teacher_forcing_ratio
+from seq2seq.core.config import TeacherForcingSchedule
+from seq2seq.core.errors import ConfigError, RunDirError, TrainingError
+from seq2seq.training.trainer import Trainer, check_trainer_config, teacher_forcing_ratio
 
 
 def record_losses(trainer: Trainer) -> list[float]:
@@ -147,12 +147,12 @@ def test_bad_trainer_values_name_the_key(prepared, override: str, key: str) -> N
 
 
 def test_auto_precision_uses_bf16_only_where_it_is_native(monkeypatch) -> None:
-    from seq2seq.config import Precision
-    from seq2seq.trainer import autocast_dtype
+    from seq2seq.core.config import Precision
+    from seq2seq.model.devices import autocast_dtype
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for native, expected in ((True, torch.bfloat16), (False, None)):
-        monkeypatch.setattr("seq2seq.trainer.cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr("seq2seq.model.devices.cpu_has_native_bf16", lambda native=native: native)
         assert autocast_dtype(Precision.auto, cpu) == expected
         assert autocast_dtype(Precision.auto, cuda) == torch.bfloat16
         assert autocast_dtype(Precision.fp32, cpu) is None and autocast_dtype(Precision.fp32, cuda) is None

@@ -100,7 +100,7 @@ def main() -> None:
     settings = parse_args(sys.argv[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the corpus comes from --data, never from the hub
     try:
-        from seq2seq.errors import Seq2SeqError
+        from seq2seq.core.errors import Seq2SeqError
     except ImportError:
         fail(f"seq2seq is not importable by {sys.executable}; run this with the project's virtualenv "
              "(pip install -e .)")

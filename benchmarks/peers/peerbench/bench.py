@@ -122,7 +122,7 @@ def train_all(toolkits: list[Toolkit], settings: Settings, work: Workspace, corp
 
 def decode_one(tk: Toolkit, settings: Settings, work: Workspace, corpus: CorpusFiles, attention: str,
                beam: int, model: Path, refs: list[str], repeat: int = 1) -> DecodeRecord:
-    from seq2seq.metrics import corpus_score
+    from seq2seq.evaluation.metrics import corpus_score
 
     search = "greedy" if beam == 1 else f"beam{beam}"
     out = work.runs / "decode" / f"{tk.name}-{attention}-{search}.txt"

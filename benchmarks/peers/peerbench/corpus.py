@@ -54,10 +54,10 @@ def prepare_corpus(work: Workspace, data_root: Path, overrides: list[str], limit
     from omegaconf import OmegaConf
 
     from seq2seq.cli import compose_checked
-    from seq2seq.config import register_configs
+    from seq2seq.core.config import register_configs
+    from seq2seq.data.prepare import prepare_data
+    from seq2seq.data.tokenizer import SPECIAL_IDS
     from seq2seq.pipeline import raw_texts
-    from seq2seq.prepare import prepare_data
-    from seq2seq.tokenizer import SPECIAL_IDS
 
     register_configs()
     cfg = OmegaConf.to_object(compose_checked("train", [*data_overrides(data_root, work.cache), *overrides]))

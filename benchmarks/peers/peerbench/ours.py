@@ -50,7 +50,7 @@ class Ours(Toolkit):
         self.python = python
 
     def setup(self, log: Path) -> None:
-        result = run_logged([self.python, "-c", "import seq2seq.trainer"], log, child_env(1))
+        result = run_logged([self.python, "-c", "import seq2seq.training.trainer"], log, child_env(1))
         check_ok(result, "import seq2seq", log)
 
     def versions(self) -> dict[str, str]:
@@ -71,7 +71,7 @@ class Ours(Toolkit):
         """Compose every config we will train with, so a bad override stops the benchmark at once
         (before any set-up) with our one-line message; raises ``Seq2SeqError``."""
         from seq2seq.cli import compose_checked
-        from seq2seq.config import register_configs
+        from seq2seq.core.config import register_configs
 
         register_configs()
         for attention in attentions:

@@ -50,9 +50,9 @@ def train(args: argparse.Namespace) -> None:
     from omegaconf import OmegaConf
 
     from seq2seq.cli import compose_checked
-    from seq2seq.config import as_plain_dict, register_configs
-    from seq2seq.prepare import prepare_data
-    from seq2seq.trainer import Trainer
+    from seq2seq.core.config import as_plain_dict, register_configs
+    from seq2seq.data.prepare import prepare_data
+    from seq2seq.training.trainer import Trainer
 
     register_configs()
     cfg = OmegaConf.to_object(compose_checked("train", args.overrides))
@@ -78,9 +78,9 @@ def train(args: argparse.Namespace) -> None:
 def decode(args: argparse.Namespace) -> None:
     import torch
 
-    from seq2seq.config import SearchConfig
-    from seq2seq.evaluation import find_checkpoint, load_model
-    from seq2seq.translate import translate_ids
+    from seq2seq.core.config import SearchConfig
+    from seq2seq.evaluation.evaluate import find_checkpoint, load_model
+    from seq2seq.search.translate import translate_ids
 
     torch.set_num_threads(args.threads)
     loaded = load_model(find_checkpoint(args.run_dir, "last"))
@@ -88,7 +88,7 @@ def decode(args: argparse.Namespace) -> None:
     lines = args.src.read_text(encoding="utf-8").splitlines()
     ids = [[tok.src.piece_to_id(p) for p in line.split()] for line in lines]
     start = time.perf_counter()
-    hyps = translate_ids(loaded.model, ids, SearchConfig(beam_size=args.beam), loaded.device, loaded.amp_dtype)
+    hyps = translate_ids(loaded.engine, ids, SearchConfig(beam_size=args.beam), loaded.device, loaded.amp_dtype)
     seconds = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(" ".join(tok.tgt_pieces(h.tokens)) + "\n" for h in hyps), encoding="utf-8")
@@ -148,7 +148,7 @@ def main() -> None:
     m.add_argument("--min-time", type=float, default=1.5)
     m.add_argument("--result", type=Path, required=True)
     args = parser.parse_args()
-    from seq2seq.errors import Seq2SeqError
+    from seq2seq.core.errors import Seq2SeqError
 
     try:
         {"train": train, "decode": decode, "matmul": matmul}[args.command](args)

@@ -1,0 +1,224 @@
+"""Output files of ``seq2seq-compare``: comparison.{md,csv,json} and the two BLEU-by-length plots.
+
+Existing files are never overwritten: when any of the five names exists in the output folder, all
+five get the first free suffix (``comparison-2.md``, ``bleu_by_length-2.png``, ...).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from seq2seq.core.files import write_text_atomic
+from seq2seq.evaluation.compare_runs import Comparison, Group
+from seq2seq.evaluation.report import EMPTY, plot_bleu_by_length
+
+log = logging.getLogger(__name__)
+
+NAMES = ("comparison.md", "comparison.csv", "comparison.json", "bleu_by_length.png",
+         "bleu_by_length_relative.png")
+STAT_COLUMNS = (("num_parameters", "params"), ("train_seconds", "train time"),
+                ("tokens_per_s", "tok/s"), ("best_step", "best step"))
+
+
+def output_paths(out_dir: Path) -> dict[str, Path]:
+    """The five output paths with the first suffix ("", "-2", "-3", ...) that none of them uses."""
+    i = 1
+    while True:
+        suffix = "" if i == 1 else f"-{i}"
+        paths = {n: out_dir / n.replace(".", f"{suffix}.", 1) for n in NAMES}
+        if not any(p.exists() for p in paths.values()):
+            return paths
+        i += 1
+
+
+def bucket_columns(c: Comparison) -> list[tuple[str, int]]:
+    """(label, sentences) of the non-empty length buckets of the test set."""
+    return [(b.label, b.count) for b in c.reference.buckets if b.count > 0]
+
+
+def _pm(mean: float | None, std: float | None, digits: int = 2) -> str:
+    if mean is None:
+        return EMPTY
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return EMPTY
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _delta(g: Group, c: Comparison) -> tuple[str, str]:
+    if g.label == c.baseline:
+        return "baseline", EMPTY
+    if g.paired is None:
+        return EMPTY, EMPTY
+    p = g.paired
+    shown = f"< {1 / c.bootstrap['samples']:.3g}" if p.p_value == 0 else f"{p.p_value:.3f}"
+    return f"{p.delta:+.2f} [{p.ci.low:+.2f}, {p.ci.high:+.2f}]", shown
+
+
+def markdown_table(c: Comparison) -> str:
+    buckets = bucket_columns(c)
+    header = ["config", "runs", "BLEU", "chrF", *(f"BLEU {lb} (n={n})" for lb, n in buckets),
+              "params", "train time", "tok/s", "best step", "ΔBLEU [95% CI]", "p"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for g in c.groups:
+        m = g.metrics
+        params, seconds = m["num_parameters"][0], m["train_seconds"]
+        row = [g.label, str(len(g.runs)), _pm(*m["bleu"]), _pm(*m["chrf"]),
+               *(_pm(*m[f"bleu_len_{lb}"]) for lb, _ in buckets),
+               EMPTY if params is None else f"{round(params):,}",
+               _duration(seconds[0]) + (f" ± {_duration(seconds[1])}" if seconds[1] is not None else ""),
+               _pm(*m["tokens_per_s"], digits=0), _pm(*m["best_step"], digits=0), *_delta(g, c)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _settings(c: Comparison) -> list[str]:
+    r = c.reference
+    search = ", ".join(f"{k}={v}" for k, v in r.search.items())
+    lines = [f"Test set: {r.corpus}/{r.split} ({r.src_lang}->{r.tgt_lang}), {r.num_sentences} sentences"
+             + (f", refs.txt sha256 {c.refs_sha256[:16]}" if c.refs_sha256 else ""),
+             f"Search: {c.search} ({search})",
+             f"BLEU: {r.score.bleu_signature}", f"chrF: {r.score.chrf_signature}"]
+    b = c.bootstrap
+    if b["computed"]:
+        lines.append(f"ΔBLEU: paired bootstrap ({b['samples']} resamples, seed {b['seed']}) of each "
+                     f"config's first run (lowest seed) against the first run of `{c.baseline}`; "
+                     "95% percentile interval, one-sided p-value")
+    else:
+        lines.append("ΔBLEU: not computed (one config, --bootstrap 0, or no refs.txt/hyps.txt)")
+    lines.append("± is the standard deviation over seeds (ddof=1); none is shown for a single run")
+    return lines
+
+
+def _shown(path: Path, base: Path | None) -> str:
+    """``path`` relative to ``base`` when it lies inside it (the markdown), else as given."""
+    if base is not None and path.is_relative_to(base.resolve()):
+        return str(path.relative_to(base.resolve()))
+    return str(path)
+
+
+def _run_rows(c: Comparison, base: Path | None = None) -> list[list[str]]:
+    rows = []
+    for g in c.groups:
+        for r in g.runs:
+            status = "ok" if r.finished else "unfinished (included)"
+            rows.append([_shown(r.path, base), g.label, str(r.seed), f"{r.report.score.bleu:.2f}",  # type: ignore[union-attr]
+                         f"{r.report.score.chrf:.2f}", str(r.eval_dir.name), status])  # type: ignore[union-attr]
+    for r in c.skipped:
+        rows.append([_shown(r.path, base), r.label, str(r.seed), EMPTY, EMPTY,
+                     r.eval_dir.name if r.eval_dir else EMPTY, "; ".join(r.problems)])
+    return rows
+
+
+def comparison_markdown(c: Comparison, paths: dict[str, Path]) -> str:
+    r = c.reference
+    lines = [f"# Comparison: {r.corpus}/{r.split}, {c.search}", "", markdown_table(c)]
+    lines += [f"- {s}" for s in _settings(c)]
+    lines += ["", "## Runs", "", "| run | config | seed | BLEU | chrF | eval | status |",
+              "|---|---|---:|---:|---:|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in _run_rows(c, paths["comparison.md"].parent)]
+    if c.skipped:
+        lines += ["", f"{len(c.skipped)} run(s) not compared: missing eval report or unfinished."]
+    lines += ["", f"![BLEU by source length]({paths['bleu_by_length.png'].name})", "",
+              f"![BLEU by source length, relative]({paths['bleu_by_length_relative.png'].name})", ""]
+    return "\n".join(lines)
+
+
+def csv_rows(c: Comparison) -> list[dict[str, Any]]:
+    rows = []
+    for g in c.groups:
+        row: dict[str, Any] = {"label": g.label, "runs": len(g.runs),
+                               "seeds": " ".join(str(r.seed) for r in g.runs)}
+        for key, (mean, std) in g.metrics.items():
+            row[f"{key}_mean"], row[f"{key}_std"] = mean, std
+        p = g.paired
+        row.update({"baseline": g.label == c.baseline, "delta_bleu": p.delta if p else None,
+                    "delta_ci_low": p.ci.low if p else None, "delta_ci_high": p.ci.high if p else None,
+                    "p_value": p.p_value if p else None})
+        rows.append(row)
+    return rows
+
+
+def comparison_json(c: Comparison) -> dict[str, Any]:
+    r = c.reference
+    return {
+        "schema_version": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "test_set": {"corpus": r.corpus, "split": r.split, "src_lang": r.src_lang, "tgt_lang": r.tgt_lang,
+                     "num_sentences": r.num_sentences, "refs_sha256": c.refs_sha256},
+        "search": {"label": c.search, **r.search},
+        "signatures": {"bleu": r.score.bleu_signature, "chrf": r.score.chrf_signature},
+        "baseline": c.baseline,
+        "bootstrap": {**c.bootstrap, "confidence": 0.95, "pairs": "first run (lowest seed) per config"},
+        "configs": [{**row, "runs": [str(x.path) for x in g.runs]}
+                    for row, g in zip(csv_rows(c), c.groups)],
+        "runs": [dict(zip(["path", "label", "seed", "bleu", "chrf", "eval", "status"], row))
+                 for row in _run_rows(c)],
+        "not_compared": [{"path": str(x.path), "label": x.label, "problems": x.problems} for x in c.skipped],
+    }
+
+
+def relative_bleu(g: Group) -> list[float | None]:
+    """Mean bucket BLEU / mean BLEU of the shortest non-empty bucket (None: empty, or that BLEU is 0)."""
+    values = [b.bleu if b.count > 0 else None for b in g.buckets]
+    first = next((v for v in values if v is not None), None)
+    if not first:
+        return [None] * len(values)
+    return [None if v is None else v / first for v in values]
+
+
+def plot_relative(c: Comparison, path: Path) -> None:
+    """Each config's mean bucket BLEU divided by its own BLEU in its shortest non-empty bucket."""
+    from matplotlib.figure import Figure
+
+    labels = [b.label for b in c.reference.buckets]
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for g in c.groups:
+        points = [(i, v) for i, v in enumerate(relative_bleu(g)) if v is not None]
+        if not points:
+            log.warning("%s: BLEU is 0 in its shortest bucket; left out of the relative plot", g.label)
+            continue
+        ax.plot([i for i, _ in points], [v for _, v in points], marker="o", label=g.label)
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("Source sentence length (words)")
+    ax.set_ylabel("BLEU / BLEU of the shortest bucket")
+    ax.set_title(f"BLEU by length relative to short sentences, {c.reference.corpus}/{c.reference.split}")
+    ax.grid(True, axis="y", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    os.replace(tmp, path)
+
+
+def write_comparison(c: Comparison, out_dir: Path) -> dict[str, Path]:
+    """Write the five files into ``out_dir`` (created if needed); returns them by base name."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = output_paths(out_dir)
+    write_text_atomic(paths["comparison.md"], comparison_markdown(c, paths))
+    rows = csv_rows(c)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(paths["comparison.csv"], buf.getvalue())
+    write_text_atomic(paths["comparison.json"], json.dumps(comparison_json(c), indent=2, ensure_ascii=False) + "\n")
+    title = (f"BLEU by source length, {c.reference.corpus}/{c.reference.split} "
+             "(mean over seeds; bars: mean bootstrap 95% CI)")
+    plot_bleu_by_length([(g.label, g.buckets) for g in c.groups], paths["bleu_by_length.png"], title)
+    plot_relative(c, paths["bleu_by_length_relative.png"])
+    log.info("wrote %s and the plots", paths["comparison.md"])
+    return paths

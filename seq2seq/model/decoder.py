@@ -1,0 +1,173 @@
+"""The LSTM decoder: bridge, one step, and the teacher-forced pass over a whole target.
+
+All three model families share this decoder and differ only in how the context reaches it:
+
+- ``context_before_rnn`` (Bahdanau; no attention): the context is computed from the *previous*
+  state and fed to the LSTM together with the previous word (Bahdanau et al. 2015, A.1.2; for no
+  attention the context is the constant encoder summary, as in Cho et al. 2014).
+- otherwise (Luong): the context is computed from the *current* LSTM output (Luong et al. 2015,
+  section 3); with ``input_feeding`` the previous attentional state h~ is fed to the LSTM (3.3).
+
+Every family then forms the attentional hidden state h~ = tanh(W_c [h; c]), which the output layer
+turns into logits. The LSTM is one ``nn.LSTM``: the whole target at once where no step depends on
+an earlier step's attention (``forward_parallel``), its parameters one step at a time otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from seq2seq.model.attention import Attention, AttentionMemory
+
+
+class DecoderState(NamedTuple):
+    hidden: torch.Tensor  # (L, B, H)
+    cell: torch.Tensor  # (L, B, H) float32
+    feed: torch.Tensor  # (B, P) previous attentional state h~ (zeros before the first step)
+
+    def select(self, index: torch.Tensor) -> DecoderState:
+        return DecoderState(self.hidden.index_select(1, index), self.cell.index_select(1, index),
+                            self.feed.index_select(0, index))
+
+
+class DecoderOutput(NamedTuple):
+    hidden: torch.Tensor  # (B, T, P) attentional states h~, before the output layer
+    attention: torch.Tensor | None  # (B, T, S)
+    logits: torch.Tensor | None  # (B, T, V) only when the pass needed them (scheduled sampling)
+
+
+def lstm_cell(gates: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, c') from gate pre-activations (B, 4H) in nn.LSTM's order i, f, g, o. The cell state
+    and the non-linearities are float32 whatever the matmul's dtype: c accumulates over every step."""
+    i, f, g, o = gates.float().chunk(4, dim=-1)
+    cell = torch.sigmoid(f) * cell.float() + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(cell), cell
+
+
+class Decoder(nn.Module):
+    def __init__(self, vocab_size: int, embedding_size: int, hidden_size: int, num_layers: int,
+                 context_size: int, output_size: int, attention: Attention, context_before_rnn: bool,
+                 input_feeding: bool, dropout: float, pad_id: int) -> None:
+        super().__init__()
+        if context_before_rnn and input_feeding:
+            raise ValueError("input feeding applies to attention computed after the LSTM step")
+        self.embedding = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_id)
+        self.dropout = nn.Dropout(dropout)
+        self.attention = attention
+        self.context_before_rnn = context_before_rnn
+        self.input_feeding = input_feeding
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+        self.output_size = output_size
+        extra = context_size if context_before_rnn else output_size if input_feeding else 0
+        self.rnn = nn.LSTM(embedding_size + extra, hidden_size, num_layers=num_layers,
+                           batch_first=True, dropout=dropout if num_layers > 1 else 0.0)
+        # Bridge: initial (h, c) of every layer from the encoder summary.
+        self.bridge = nn.Linear(context_size, 2 * num_layers * hidden_size)
+        self.combine = nn.Linear(hidden_size + context_size, output_size)  # W_c
+
+    @property
+    def parallel(self) -> bool:
+        """True when no step depends on an earlier step's attention, so teacher-forced training
+        can run the LSTM over the whole target at once and attend for all steps in one matmul."""
+        return not self.input_feeding and (not self.context_before_rnn or self.attention.query_free)
+
+    def init_state(self, summary: torch.Tensor) -> DecoderState:
+        b = summary.size(0)
+        init = self.bridge(summary).view(b, 2, self.num_layers, self.hidden_size)
+        hidden = torch.tanh(init[:, 0]).transpose(0, 1).contiguous()  # (L, B, H)
+        cell = init[:, 1].transpose(0, 1).float().contiguous()  # (L, B, H), float32 (see lstm_cell)
+        feed = summary.new_zeros(b, self.output_size)
+        return DecoderState(hidden, cell, feed)
+
+    def attentional(self, rnn_out: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """h~ = tanh(W_c [h; c]), (..., P) float32."""
+        joined = torch.cat([rnn_out.to(context.dtype), context], dim=-1)
+        return torch.tanh(self.combine(joined).float())
+
+    def rnn_step(self, x: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every LSTM layer for one step from layer 0's input ``x`` (B, I), with nn.LSTM's own
+        parameters (and its dropout between layers): the new (L, B, H) hidden and cell states."""
+        rnn, hs, cs = self.rnn, [], []
+        for k in range(self.num_layers):
+            if k > 0:
+                x = F.dropout(x, rnn.dropout, self.training)
+            gates = (F.linear(x, getattr(rnn, f"weight_ih_l{k}"), getattr(rnn, f"bias_ih_l{k}"))
+                     + F.linear(state.hidden[k], getattr(rnn, f"weight_hh_l{k}"), getattr(rnn, f"bias_hh_l{k}")))
+            h, c = lstm_cell(gates, state.cell[k])
+            hs.append(h)
+            cs.append(c)
+            x = h
+        return torch.stack(hs), torch.stack(cs)
+
+    def attend(self, query: torch.Tensor, memory: AttentionMemory) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention for one step's queries (N, Q): context (N, D) and weights (N, S) or None.
+
+        The memory may hold fewer rows than there are queries: N = G x its B rows, the G queries of
+        memory row b being rows b*G .. b*G+G-1 (beam search's K beams of one sentence). They attend
+        as G queries of one row, so the source is read once per sentence, not once per beam."""
+        rows = memory.mask.size(0)
+        context, weights = self.attention(query.view(rows, query.size(0) // rows, -1), memory)
+        return (context.reshape(query.size(0), -1),
+                None if weights is None else weights.reshape(query.size(0), -1))
+
+    def step(self, emb: torch.Tensor, state: DecoderState, memory: AttentionMemory
+             ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
+        """One step from the embedded previous word ``emb`` (B, E): h~ (B, P), the new state and
+        the attention weights (B, S) or None."""
+        if self.context_before_rnn:
+            context, weights = self.attend(state.hidden[-1], memory)  # from the previous state
+            hidden, cell = self.rnn_step(torch.cat([emb, context.to(emb.dtype)], dim=-1), state)
+        else:
+            x = torch.cat([emb, state.feed.to(emb.dtype)], dim=-1) if self.input_feeding else emb
+            hidden, cell = self.rnn_step(x, state)
+            context, weights = self.attend(hidden[-1], memory)  # from the current state
+        h_tilde = self.attentional(hidden[-1], context)
+        return h_tilde, DecoderState(hidden, cell, h_tilde), weights
+
+    def forward_parallel(self, tgt_in: torch.Tensor, state: DecoderState, memory: AttentionMemory) -> DecoderOutput:
+        """Teacher-forced pass over the whole target at once (``parallel`` decoders)."""
+        emb = self.dropout(self.embedding(tgt_in))  # (B, T, E)
+        if self.context_before_rnn:  # query-free (no attention): one context for every step
+            query = state.hidden[-1].unsqueeze(1).expand(-1, tgt_in.size(1), -1)
+            context, weights = self.attention(query, memory)
+            rnn_in = torch.cat([emb, context.to(emb.dtype)], dim=-1)
+        else:
+            rnn_in = emb
+        out, _ = self.rnn(rnn_in, (state.hidden, state.cell.to(state.hidden.dtype)))  # (B, T, H)
+        if not self.context_before_rnn:
+            context, weights = self.attention(out, memory)  # all T queries in one batched matmul
+        h_tilde = self.dropout(self.attentional(out, context))
+        return DecoderOutput(hidden=h_tilde, attention=weights, logits=None)
+
+    def forward_steps(self, tgt_in: torch.Tensor, state: DecoderState, memory: AttentionMemory,
+                      project: nn.Module | None = None, teacher_forcing: float = 1.0) -> DecoderOutput:
+        """Step-by-step teacher-forced pass. With ``teacher_forcing`` < 1 each step feeds, per
+        sentence, the gold previous word with that probability and the model's own greedy
+        prediction otherwise (scheduled sampling, Bengio et al. 2015); ``project`` gives logits."""
+        sampling = teacher_forcing < 1.0
+        if sampling and project is None:
+            raise ValueError("scheduled sampling needs the output layer")
+        gold = self.dropout(self.embedding(tgt_in))  # (B, T, E)
+        h_tildes, attention, logits = [], [], []
+        for t in range(tgt_in.size(1)):
+            emb = gold[:, t]
+            if sampling and t > 0:
+                use_gold = torch.rand(tgt_in[:, t].shape, device=tgt_in.device) < teacher_forcing
+                own = self.dropout(self.embedding(logits[-1].argmax(-1)))
+                emb = torch.where(use_gold.unsqueeze(1), emb, own)
+            h_tilde, state, weights = self.step(emb, state, memory)
+            h_tildes.append(h_tilde)
+            if weights is not None:
+                attention.append(weights)
+            if sampling:
+                logits.append(project(self.dropout(h_tilde)))
+        return DecoderOutput(
+            hidden=self.dropout(torch.stack(h_tildes, dim=1)),
+            attention=torch.stack(attention, dim=1) if attention else None,
+            logits=torch.stack(logits, dim=1) if sampling else None,
+        )

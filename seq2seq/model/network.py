@@ -1,0 +1,158 @@
+"""The encoder-decoder and its builder.
+
+Shape legend used across the package: B batch, S source length, T target length, E embedding
+size, H hidden size, D encoder output size (2 x encoder hidden), P attentional-state size,
+V vocabulary size, L layers, K beam size.
+
+These modules are the reference model: plain torch on any device, the path a GPU runs. Search
+and training reach the model through an engine (``seq2seq.model.engine``), which runs either
+these methods or the CPU kernels on the same parameters.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from seq2seq.core.config import AttentionType, LuongScore, ModelConfig
+from seq2seq.core.errors import ConfigError
+from seq2seq.data.batching import Batch
+from seq2seq.model.attention import (
+    AdditiveAttention,
+    Attention,
+    AttentionMemory,
+    MultiplicativeAttention,
+    NoAttention,
+)
+from seq2seq.model.decoder import Decoder, DecoderOutput, DecoderState
+from seq2seq.model.encoder import Encoder
+from seq2seq.model.losses import cross_entropy
+
+
+class EncodedSource(NamedTuple):
+    memory: AttentionMemory
+    state: DecoderState
+
+
+class StepOutput(NamedTuple):
+    logits: torch.Tensor  # (B, V) float32
+    state: DecoderState
+    attention: torch.Tensor | None  # (B, S)
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self, encoder: Encoder, decoder: Decoder, output_layer: nn.Linear, description: str) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.output_layer = output_layer
+        self.description = description  # e.g. "luong-general-feed", used in reports and plots
+
+    def encode(self, src: torch.Tensor, src_lengths: torch.Tensor, src_mask: torch.Tensor) -> EncodedSource:
+        enc = self.encoder(src, src_lengths, src_mask)
+        memory = self.decoder.attention.prepare(enc)  # key projections: once per batch
+        return EncodedSource(memory=memory, state=self.decoder.init_state(enc.summary))
+
+    def decode_step(self, prev_tokens: torch.Tensor, state: DecoderState, memory: AttentionMemory) -> StepOutput:
+        """One decoder step from the previous tokens (N,); search's only entry. ``memory`` has N
+        rows, or N / G rows each shared by G consecutive rows of the state (the beams of one
+        sentence)."""
+        h_tilde, state, attention = self.decoder.step(self.decoder.embedding(prev_tokens), state, memory)
+        return StepOutput(logits=self.output_layer(h_tilde).float(), state=state, attention=attention)
+
+    def forward(self, batch: Batch, teacher_forcing: float = 1.0, force_steps: bool = False) -> DecoderOutput:
+        """Teacher-forced pass. Returns attentional states; ``project`` turns them into logits.
+
+        ``force_steps`` runs the step-by-step path even where the parallel one exists (tests use
+        it to check that both give the same logits).
+        """
+        encoded = self.encode(batch.src, batch.src_lengths, batch.src_mask)
+        if self.decoder.parallel and teacher_forcing >= 1.0 and not force_steps:
+            return self.decoder.forward_parallel(batch.tgt_in, encoded.state, encoded.memory)
+        return self.decoder.forward_steps(batch.tgt_in, encoded.state, encoded.memory,
+                                          project=self.output_layer, teacher_forcing=teacher_forcing)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.output_layer(hidden)
+
+    def loss(self, out: DecoderOutput, batch: Batch, label_smoothing: float) -> torch.Tensor:
+        """Mean token cross-entropy of a teacher-forced pass over the real target positions."""
+        mask = batch.tgt_mask
+        logits = out.logits[mask] if out.logits is not None else self.output_layer(out.hidden[mask])
+        return cross_entropy(logits, batch.tgt_out[mask], label_smoothing)
+
+
+def describe(cfg: ModelConfig) -> str:
+    att = cfg.attention
+    if att.type == AttentionType.luong:
+        return f"luong-{att.score.value}" + ("-feed" if att.input_feeding else "")
+    return att.type.value
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Reject sizes that compose but cannot build a model, naming the key."""
+    positive = {
+        "model.embedding_size": cfg.embedding_size,
+        "model.encoder_hidden_size": cfg.encoder_hidden_size,
+        "model.encoder_layers": cfg.encoder_layers,
+        "model.decoder_hidden_size": cfg.decoder_hidden_size,
+        "model.decoder_layers": cfg.decoder_layers,
+        "model.attention.hidden_size": cfg.attention.hidden_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be a positive integer (got {value})")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1) (got {cfg.dropout})")
+    att = cfg.attention
+    if att.type == AttentionType.luong and att.score == LuongScore.dot and (
+        cfg.decoder_hidden_size != 2 * cfg.encoder_hidden_size
+    ):
+        raise ConfigError(
+            "model.attention.score=dot needs model.decoder_hidden_size == 2 x "
+            f"model.encoder_hidden_size ({cfg.decoder_hidden_size} != {2 * cfg.encoder_hidden_size}); "
+            "use score=general or change the sizes"
+        )
+
+
+def build_attention(cfg: ModelConfig, query_size: int, value_size: int) -> Attention:
+    att = cfg.attention
+    if att.type == AttentionType.none:
+        return NoAttention(query_size, value_size)
+    if att.type == AttentionType.bahdanau or att.score == LuongScore.concat:
+        return AdditiveAttention(query_size, value_size, att.hidden_size)
+    return MultiplicativeAttention(query_size, value_size, general=att.score == LuongScore.general)
+
+
+def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, pad_id: int) -> Seq2Seq:
+    check_model_config(cfg)
+    encoder = Encoder(src_vocab_size, cfg.embedding_size, cfg.encoder_hidden_size, cfg.encoder_layers,
+                      cfg.dropout, pad_id)
+    context_size = encoder.output_size
+    # With tied embeddings the output layer reuses the target embedding matrix, so h~ must have
+    # the embedding's size.
+    output_size = cfg.embedding_size if cfg.tie_embeddings else cfg.decoder_hidden_size
+    is_luong = cfg.attention.type == AttentionType.luong
+    decoder = Decoder(
+        vocab_size=tgt_vocab_size,
+        embedding_size=cfg.embedding_size,
+        hidden_size=cfg.decoder_hidden_size,
+        num_layers=cfg.decoder_layers,
+        context_size=context_size,
+        output_size=output_size,
+        attention=build_attention(cfg, cfg.decoder_hidden_size, context_size),
+        context_before_rnn=not is_luong,
+        input_feeding=is_luong and cfg.attention.input_feeding,
+        dropout=cfg.dropout,
+        pad_id=pad_id,
+    )
+    output_layer = nn.Linear(output_size, tgt_vocab_size)
+    if cfg.tie_embeddings:
+        output_layer.weight = decoder.embedding.weight
+    return Seq2Seq(encoder, decoder, output_layer, describe(cfg))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

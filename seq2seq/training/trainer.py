@@ -1,0 +1,460 @@
+"""The training loop: teacher forcing, validation with greedy BLEU, early stopping, checkpoints.
+
+Knows nothing about Hydra: it takes a typed ``TrainConfig``, prepared data and a run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from seq2seq.core.checkpoint import (
+    bytes_to_tensor,
+    load_latest,
+    remove_partial_writes,
+    save_step_checkpoint,
+)
+from seq2seq.core.config import TeacherForcingSchedule, TrainConfig, as_plain_dict
+from seq2seq.core.errors import ConfigError, RunDirError, TrainingError
+from seq2seq.core.rng import rng_state, seed_everything, set_rng_state
+from seq2seq.core.tracking import Tracker
+from seq2seq.data.batching import Batch, TokenBatchSampler, collate
+from seq2seq.data.prepare import PreparedData, token_ids
+from seq2seq.data.tokenizer import PAD_ID
+from seq2seq.evaluation.metrics import corpus_score
+from seq2seq.model.devices import autocast_dtype, resolve_device
+from seq2seq.model.engine import build_engine, describe_engine
+from seq2seq.model.network import Seq2Seq, build_model, count_parameters
+from seq2seq.search.common import check_search_config
+from seq2seq.search.translate import translate_ids
+from seq2seq.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    gradient_norm_of,
+    load_optimizer_state,
+    update,
+)
+
+log = logging.getLogger(__name__)
+
+
+def teacher_forcing_ratio(cfg: TrainConfig, step: int) -> float:
+    """Probability of feeding the gold previous word at ``step`` (Bengio et al. 2015)."""
+    t = cfg.trainer
+    if t.teacher_forcing_schedule == TeacherForcingSchedule.constant:
+        return t.teacher_forcing
+    if t.teacher_forcing_schedule == TeacherForcingSchedule.linear:
+        frac = min(1.0, step / max(1, t.teacher_forcing_decay_steps))
+        return max(t.teacher_forcing_min, t.teacher_forcing - frac * (t.teacher_forcing - t.teacher_forcing_min))
+    k = t.teacher_forcing_k
+    return max(t.teacher_forcing_min, t.teacher_forcing * k / (k + math.exp(min(step / k, 700.0))))
+
+
+def check_trainer_config(cfg: TrainConfig) -> None:
+    t, o = cfg.trainer, cfg.optim
+    check_search_config(cfg.search)
+    positive = {"trainer.max_tokens": t.max_tokens, "trainer.max_sentences": t.max_sentences,
+                "trainer.valid_every": t.valid_every, "trainer.log_every": t.log_every,
+                "trainer.keep_checkpoints": t.keep_checkpoints, "trainer.max_nonfinite_steps": t.max_nonfinite_steps,
+                "trainer.max_oom_steps": t.max_oom_steps}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be a positive integer (got {value})")
+    for key, value in (("trainer.max_steps", t.max_steps), ("trainer.max_epochs", t.max_epochs),
+                       ("trainer.save_every", t.save_every)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be a positive integer or null (got {value})")
+    if t.max_steps is None and t.max_epochs is None:
+        raise ConfigError("set trainer.max_steps or trainer.max_epochs; with neither, training never ends")
+    if not (math.isfinite(o.lr) and o.lr > 0):
+        raise ConfigError(f"optim.lr must be a positive number (got {o.lr})")
+    if not (math.isfinite(o.clip_norm) and o.clip_norm > 0):
+        raise ConfigError(f"optim.clip_norm must be a positive number (got {o.clip_norm})")
+    for key, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1) (got {value})")
+    for key, value in (("optim.weight_decay", o.weight_decay), ("optim.min_lr", o.min_lr)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key} must be a non-negative number (got {value})")
+    if not 0.0 < o.plateau_factor < 1.0:
+        raise ConfigError(f"optim.plateau_factor must be in (0, 1) (got {o.plateau_factor})")
+    for key, value in (("optim.plateau_patience", o.plateau_patience), ("optim.warmup_steps", o.warmup_steps)):
+        if value < 0:
+            raise ConfigError(f"{key} must be 0 or a positive integer (got {value})")
+    for key, value in (("trainer.teacher_forcing", t.teacher_forcing),
+                       ("trainer.teacher_forcing_min", t.teacher_forcing_min)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key} must be in [0, 1] (got {value})")
+    if not (math.isfinite(t.teacher_forcing_k) and t.teacher_forcing_k > 0):
+        raise ConfigError(f"trainer.teacher_forcing_k must be a positive number (got {t.teacher_forcing_k})")
+    if t.valid_max_sentences is not None and t.valid_max_sentences < 1:
+        raise ConfigError(f"trainer.valid_max_sentences must be a positive integer or null (got {t.valid_max_sentences})")
+    if t.patience < 0:
+        raise ConfigError(f"trainer.patience must be 0 (never stop early) or positive (got {t.patience})")
+    if not 0.0 <= t.label_smoothing < 1.0:
+        raise ConfigError(f"trainer.label_smoothing must be in [0, 1) (got {t.label_smoothing})")
+    if t.num_threads < 0:
+        raise ConfigError(f"trainer.num_threads must be 0 (all cores) or positive (got {t.num_threads})")
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint so a resumed run continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed
+    best_bleu: float = -1.0
+    best_step: int = 0
+    bad_validations: int = 0
+    skipped_steps: int = 0
+    consecutive_skipped: int = 0
+    oom_steps: int = 0
+    consecutive_oom: int = 0
+    train_seconds: float = 0.0
+    train_tokens: int = 0
+    finished: bool = False
+    # The log window in progress: saved so a resumed run logs the same mean losses.
+    window_loss: float = 0.0
+    window_norm: float = 0.0
+    window_tokens: int = 0
+    window_steps: int = 0
+
+
+SKIPPED_NONFINITE = "non-finite"
+SKIPPED_OOM = "out of memory"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one update did: its loss and gradient norm, or why it was skipped."""
+
+    loss: float = math.nan
+    grad_norm: float = math.nan
+    skipped: str | None = None  # SKIPPED_NONFINITE or SKIPPED_OOM
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data: PreparedData, run_dir: Path) -> None:
+        check_trainer_config(cfg)
+        self.cfg = cfg
+        self.data = data
+        self.run_dir = run_dir
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.device = resolve_device(cfg.trainer.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(cfg.trainer.num_threads or torch.get_num_threads())
+        self.amp_dtype = autocast_dtype(cfg.trainer.precision, self.device)
+        seed_everything(cfg.seed)
+        tok = data.tokenizer
+        self.model: Seq2Seq = build_model(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, PAD_ID).to(self.device)
+        self.engine = build_engine(self.model, cfg.trainer.kernels, self.device)
+        self.params = list(self.model.parameters())
+        self.optimizer = build_optimizer(cfg, self.model, fast=self.engine.name == "fast")
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.train_src = token_ids(data.train, "src_ids")
+        self.train_tgt = token_ids(data.train, "tgt_ids")
+        self.sampler = TokenBatchSampler(self.train_src.lengths(), self.train_tgt.lengths(),
+                                         cfg.trainer.max_tokens, cfg.trainer.max_sentences, cfg.seed)
+        self.batches_per_epoch = len(self.sampler)
+        self.progress = Progress()
+        self.num_parameters = count_parameters(self.model)
+        log.info("model %s: %s parameters; %d training pairs in %d batches per epoch (%.1f%% padding)",
+                 self.model.description, f"{self.num_parameters:,}", len(self.train_src),
+                 self.batches_per_epoch, 100 * self.sampler.padding_fraction(0))
+        log.info("device %s, %s", self.device, "bf16 autocast" if self.amp_dtype else "float32")
+        log.info("%s", describe_engine(self.engine))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_payload(self) -> dict[str, Any]:
+        tok = self.data.tokenizer
+        return {
+            "config": as_plain_dict(self.cfg),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": {},  # bf16 autocast needs no loss scaling; kept for a stable layout
+            "progress": asdict(self.progress),
+            "rng": rng_state(),
+            "vocab": {"src": tok.src_vocab_size, "tgt": tok.tgt_vocab_size},
+            "tokenizer": {"src": bytes_to_tensor(tok.src_proto),
+                          "tgt": bytes_to_tensor(tok.tgt_proto) if tok.tgt_proto is not None else None},
+            "model_description": self.model.description,
+            "num_parameters": self.num_parameters,
+        }
+
+    def _model_is_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+
+    def save(self, best: bool = False) -> None:
+        """Write ``step-<N>.pt`` and point ``last.pt`` (and ``best.pt`` when ``best``) at it."""
+        if not self._model_is_finite():
+            log.error("model weights are not finite at step %d; no checkpoint written", self.progress.step)
+            return
+        try:
+            save_step_checkpoint(self.state_payload(), self.ckpt_dir, self.progress.step,
+                                 self.cfg.trainer.keep_checkpoints, ("last", "best") if best else ("last",))
+        except OSError as err:  # the write went to a temp file: earlier checkpoints are intact
+            raise TrainingError(f"cannot write a checkpoint to {self.ckpt_dir} at step {self.progress.step} "
+                                f"({err.strerror or err}); free space there, then resume with "
+                                f"trainer.resume={self.run_dir}") from None
+
+    def checkpoint_bytes(self) -> int:
+        """About how large one checkpoint is: weights and Adam's two moments in float32."""
+        return 3 * 4 * self.num_parameters + 2**20
+
+    def restore(self) -> Path:
+        """Continue from ``last.pt``, or from the newest readable step checkpoint when it is damaged."""
+        remove_partial_writes(self.ckpt_dir)
+        path, payload = load_latest(self.ckpt_dir, map_location=self.device)
+        try:
+            self.model.load_state_dict(payload["model"])
+        except RuntimeError as err:
+            raise RunDirError(f"{path}: does not match the model config ({str(err).splitlines()[0]})") from None
+        try:
+            load_optimizer_state(self.optimizer, payload["optimizer"])
+            self.scheduler.load_state_dict(payload["scheduler"])
+        except (KeyError, ValueError) as err:
+            raise RunDirError(f"{path}: its optimizer or schedule state does not fit this config ({err}); "
+                              "resume with the run's own config, or start a new run") from None
+        self.progress = Progress(**payload["progress"])
+        set_rng_state(payload["rng"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.progress.step,
+                 self.progress.epoch, self.progress.batch_in_epoch)
+        return path
+
+    # ------------------------------------------------------------------ steps
+
+    def _batch(self, indices: list[int]) -> Batch:
+        return collate([self.train_src[i] for i in indices], [self.train_tgt[i] for i in indices], indices).to(self.device)
+
+    def _loss(self, batch: Batch, teacher_forcing: float) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            out = self.engine.forward(batch, teacher_forcing=teacher_forcing)
+            return self.engine.loss(out, batch, self.cfg.trainer.label_smoothing)
+
+    def train_step(self, batch: Batch) -> StepResult:
+        """One update, or a skipped one when the loss/gradient is not finite or the batch runs out of memory."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            loss = self._loss(batch, teacher_forcing_ratio(self.cfg, self.progress.step))
+            loss.backward()
+        except torch.OutOfMemoryError:
+            out_of_memory = True
+        else:
+            out_of_memory = False
+        if out_of_memory:  # outside the except block, so the traceback's activations are freed
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return StepResult(skipped=SKIPPED_OOM)
+        max_norm = self.cfg.optim.clip_norm
+        grad_norm = gradient_norm_of(self.optimizer, self.params, max_norm)
+        loss_value, norm_value = float(loss.detach()), float(grad_norm)
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss_value, norm_value, skipped=SKIPPED_NONFINITE)
+        update(self.optimizer, grad_norm, max_norm)
+        self.scheduler.after_update()
+        return StepResult(loss_value, norm_value)
+
+    # ------------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def validate(self, tracker: Tracker) -> dict[str, float]:
+        self.model.eval()
+        valid = self.data.valid.select_columns(["src", "ref", "src_ids", "tgt_ids"])[:]
+        src_ids, tgt_ids = valid["src_ids"], valid["tgt_ids"]
+        total_loss, total_tokens = 0.0, 0
+        sampler = TokenBatchSampler([len(s) for s in src_ids], [len(t) for t in tgt_ids],
+                                    self.cfg.trainer.max_tokens, self.cfg.trainer.max_sentences, 0, shuffle=False)
+        for indices in sampler.batches(0):
+            batch = collate([src_ids[i] for i in indices], [tgt_ids[i] for i in indices], indices).to(self.device)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                mean = self.engine.loss(self.engine.forward(batch), batch, 0.0)
+            total_loss += float(mean) * batch.num_tgt_tokens
+            total_tokens += batch.num_tgt_tokens
+        loss = total_loss / max(1, total_tokens)
+        n = len(src_ids) if self.cfg.trainer.valid_max_sentences is None else min(
+            len(src_ids), self.cfg.trainer.valid_max_sentences)
+        greedy = type(self.cfg.search)(batch_size=self.cfg.search.batch_size,
+                                       max_len_ratio=self.cfg.search.max_len_ratio,
+                                       max_len_offset=self.cfg.search.max_len_offset)
+        hyps = translate_ids(self.engine, src_ids[:n], greedy, self.device, self.amp_dtype)
+        hyp_text = self.data.tokenizer.decode_tgt([h.tokens for h in hyps])
+        refs = valid["ref"][:n]
+        score = corpus_score(hyp_text, refs)
+        metrics = {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0)), "valid/bleu": score.bleu,
+                   "valid/chrf": score.chrf}
+        tracker.scalars(metrics, self.progress.step)
+        samples = min(self.cfg.trainer.sample_translations, n)
+        if samples:
+            rows = [f"**source:** {valid['src'][i]}  \n**reference:** {refs[i]}  \n**hypothesis:** {hyp_text[i]}"
+                    for i in range(samples)]
+            tracker.text("valid/samples", "\n\n---\n\n".join(rows), self.progress.step)
+        return metrics
+
+    # ------------------------------------------------------------------ loop
+
+    def budget_spent(self) -> bool:
+        p, t = self.progress, self.cfg.trainer
+        return (t.max_steps is not None and p.step >= t.max_steps) or (
+            t.max_epochs is not None and p.epoch >= t.max_epochs)
+
+    def early_stopped(self) -> bool:
+        patience = self.cfg.trainer.patience
+        return patience > 0 and self.progress.bad_validations >= patience
+
+    def _after_validation(self, metrics: dict[str, float]) -> bool:
+        """Bookkeeping after a validation; returns True when early stopping triggers."""
+        p = self.progress
+        bleu = metrics["valid/bleu"]
+        self.scheduler.after_validation(bleu)
+        improved = bleu > p.best_bleu
+        if improved:
+            p.best_bleu, p.best_step, p.bad_validations = bleu, p.step, 0
+        else:
+            p.bad_validations += 1
+        log.info("step %d: valid loss %.3f, ppl %.2f, BLEU %.2f, chrF %.2f%s", p.step, metrics["valid/loss"],
+                 metrics["valid/ppl"], bleu, metrics["valid/chrf"], " (best)" if improved else "")
+        patience = self.cfg.trainer.patience
+        stop = patience > 0 and p.bad_validations >= patience
+        self.save(best=improved)
+        return stop
+
+    def _request_stop(self, signum: int, _frame: Any) -> None:
+        # Finish the current update, then save and leave: never stop half-way through a step.
+        self.stop_signal = signum
+
+    def fit(self) -> Progress:
+        """Train until the budget, early stopping, or SIGINT/SIGTERM (which save ``last`` first)."""
+        self.stop_signal = None
+        handlers = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                handlers[sig] = signal.signal(sig, self._request_stop)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        try:
+            return self._fit()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def _skipped(self, result: StepResult, batch: Batch, tracker: Tracker) -> None:
+        """Count a skipped update, log it, and stop the run when too many come in a row."""
+        p, t = self.progress, self.cfg.trainer
+        if result.skipped == SKIPPED_OOM:
+            p.oom_steps += 1
+            p.consecutive_oom += 1
+            p.consecutive_skipped = 0
+            tracker.scalars({"train/oom_skipped": p.oom_steps}, p.step)
+            log.warning("step %d: out of memory on a batch of %d sentences (source %dx%d, target %dx%d, %d target "
+                        "tokens); update skipped (%d so far); lower trainer.max_tokens if this repeats", p.step,
+                        batch.src.shape[0], *batch.src.shape, *batch.tgt_in.shape, batch.num_tgt_tokens, p.oom_steps)
+            if p.consecutive_oom >= t.max_oom_steps:
+                raise TrainingError(f"{p.consecutive_oom} consecutive batches ran out of memory; stopped at step "
+                                    f"{p.step}; lower trainer.max_tokens (now {t.max_tokens}); the last good "
+                                    f"checkpoint is in {self.ckpt_dir}")
+            return
+        p.skipped_steps += 1
+        p.consecutive_skipped += 1
+        p.consecutive_oom = 0
+        tracker.scalars({"train/skipped_steps": p.skipped_steps}, p.step)
+        log.warning("step %d: non-finite loss or gradient; update skipped", p.step)
+        if p.consecutive_skipped >= t.max_nonfinite_steps:
+            raise TrainingError(
+                f"{p.consecutive_skipped} consecutive updates had a non-finite loss or gradient; "
+                f"stopped at step {p.step} (lower optim.lr or check the data); the last good "
+                f"checkpoint is in {self.ckpt_dir}")
+
+    def _log_window(self, tracker: Tracker, bar: tqdm, elapsed: float) -> None:
+        """Log the mean loss of the updates since the last log line, then start a new window."""
+        p, cfg = self.progress, self.cfg
+        loss = p.window_loss / p.window_tokens
+        stats = {"train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)),
+                 "train/lr": self.optimizer.param_groups[0]["lr"],
+                 "train/grad_norm": p.window_norm / p.window_steps,
+                 "train/tokens_per_s": p.window_tokens / max(elapsed, 1e-9),
+                 "train/teacher_forcing": teacher_forcing_ratio(cfg, p.step)}
+        tracker.scalars(stats, p.step)
+        log.info("step %d: train loss %.4f, ppl %.2f, lr %.3g, grad norm %.3f, %.0f target tokens/s", p.step,
+                 loss, stats["train/ppl"], stats["train/lr"], stats["train/grad_norm"], stats["train/tokens_per_s"])
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{stats['train/tokens_per_s']:.0f}")
+        p.window_loss, p.window_norm, p.window_tokens, p.window_steps = 0.0, 0.0, 0, 0
+
+    def _fit(self) -> Progress:
+        cfg, p = self.cfg, self.progress
+        # On resume, TensorBoard drops what a killed process logged after the checkpoint, so the
+        # curves show each step once.
+        tracker = Tracker(self.run_dir, purge_step=p.step + 1 if p.step else None)
+        total = cfg.trainer.max_steps or (cfg.trainer.max_epochs or 1) * self.batches_per_epoch
+        # disable=None: no bar when stderr is not a terminal (nohup, CI), where it would flood the log
+        bar = tqdm(total=total, initial=p.step, disable=None if cfg.trainer.progress else True, unit="step",
+                   dynamic_ncols=True)
+        save_every = cfg.trainer.save_every
+        window_start = time.perf_counter()
+        stop = False
+        try:
+            with logging_redirect_tqdm():
+                while not self.budget_spent() and not stop:
+                    for indices in self.sampler.iterate(p.epoch, p.batch_in_epoch):
+                        batch = self._batch(indices)
+                        step_start = time.perf_counter()
+                        result = self.train_step(batch)
+                        p.batch_in_epoch += 1
+                        p.step += 1
+                        tokens = batch.num_tgt_tokens
+                        p.train_seconds += time.perf_counter() - step_start
+                        p.train_tokens += tokens
+                        bar.update(1)
+                        if result.skipped:
+                            self._skipped(result, batch, tracker)
+                        else:
+                            p.consecutive_skipped = p.consecutive_oom = 0
+                            p.window_loss += result.loss * tokens
+                            p.window_norm += result.grad_norm
+                            p.window_tokens += tokens
+                            p.window_steps += 1
+                        if p.step % cfg.trainer.log_every == 0 and p.window_steps:
+                            self._log_window(tracker, bar, time.perf_counter() - window_start)
+                            window_start = time.perf_counter()
+                        if p.step % cfg.trainer.valid_every == 0:
+                            stop = self._after_validation(self.validate(tracker))
+                            window_start = time.perf_counter()
+                        elif save_every is not None and p.step % save_every == 0:
+                            self.save()
+                        if self.stop_signal is not None:
+                            self.save()
+                            log.warning("stopped by signal %d at step %d; continue with: seq2seq-train "
+                                        "trainer.resume=%s", self.stop_signal, p.step, self.run_dir)
+                            return p
+                        if stop or self.budget_spent():
+                            break
+                    else:  # epoch finished
+                        p.epoch += 1
+                        p.batch_in_epoch = 0
+                if p.step % cfg.trainer.valid_every != 0 and not stop:  # the final state is always validated
+                    self._after_validation(self.validate(tracker))
+            if stop:
+                log.info("early stopping: no better valid BLEU in %d validations", cfg.trainer.patience)
+            p.finished = True
+            self.save()
+        finally:
+            bar.close()
+            tracker.close()
+        log.info("training done: %d steps, best valid BLEU %.2f at step %d, %.0f target tokens/s",
+                 p.step, p.best_bleu, p.best_step, p.train_tokens / max(p.train_seconds, 1e-9))
+        return p
