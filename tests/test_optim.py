@@ -179,3 +179,41 @@ def test_building_the_trainer_optimizer_does_not_import_dynamo():
             "print('torch._dynamo' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize(("writer_fast", "reader_fast"), [(True, False), (False, True)], ids=["fast-to-torch", "torch-to-fast"])
+def test_either_engines_optimizer_resumes_from_the_others_state(writer_fast: bool, reader_fast: bool):
+    """A checkpoint's optimizer state from one engine continues exactly under the other, with the
+    trainer's own clipping and update path (gradient_norm_of, update)."""
+    from types import SimpleNamespace
+
+    from seq2seq.core.config import OptimConfig
+    from seq2seq.training.optim import (
+        build_optimizer,
+        gradient_norm_of,
+        load_optimizer_state,
+        update,
+    )
+
+    cfg = SimpleNamespace(optim=OptimConfig(lr=0.01, weight_decay=0.01))
+
+    def steps(opt, params, span):
+        for t in span:
+            for p, grad in zip(params, _grads(params, t)):
+                p.grad = grad.clone() * 3.0  # norms above clip_norm: clipping matters
+            update(opt, gradient_norm_of(opt, params, max_norm=1.0), max_norm=1.0)
+
+    straight = torch.nn.ParameterList(_params())
+    steps(build_optimizer(cfg, straight, fast=reader_fast), list(straight), range(6))
+    first = torch.nn.ParameterList(_params())
+    writer = build_optimizer(cfg, first, fast=writer_fast)
+    steps(writer, list(first), range(3))
+    resumed = torch.nn.ParameterList(_params())
+    with torch.no_grad():
+        for p, q in zip(resumed, first):
+            p.copy_(q)
+    reader = build_optimizer(cfg, resumed, fast=reader_fast)
+    load_optimizer_state(reader, writer.state_dict())
+    steps(reader, list(resumed), range(3, 6))
+    for a, b in zip(resumed, straight):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

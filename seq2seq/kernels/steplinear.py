@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from seq2seq.kernels.compat import mkldnn_packing
 from seq2seq.kernels.shapes import pad_batched, pad_rows
 
 
@@ -26,8 +27,7 @@ def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-_REORDER = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
-_PACKED_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+_REORDER, _PACKED_LINEAR = mkldnn_packing()
 
 
 class PackedLinear:

@@ -50,19 +50,19 @@ def length_penalty(length: torch.Tensor | int, alpha: float) -> torch.Tensor | f
 
 
 SOURCE_MULTIPLE = 8  # source width of a search batch rounded up to this (fewer matmul shapes)
-ROW_MULTIPLE = 8  # decoded sentences are compacted to a multiple of this many
+SENTENCE_MULTIPLE = 8  # decoded sentences are compacted to a multiple of this many
 
 
 def compact_to(done: int, active: int) -> int:
     """How many of ``active`` decoded sentences to keep once ``done`` of them are finished:
     ``active`` (no compaction) until a quarter are finished, when the index_select of the state
     and memory costs less than the output layer and attention spent on finished rows. The count
-    is rounded up to a multiple of ROW_MULTIPLE (finished sentences ride along), so that the
+    is rounded up to a multiple of SENTENCE_MULTIPLE (finished sentences ride along), so that the
     per-step matmuls meet a few batch sizes rather than a new one at every compaction: on the
     CPU each new bf16 shape costs a oneDNN kernel build (seq2seq/kernels/shapes.py)."""
     if done == 0 or 4 * done < active:
         return active
-    return min(active, -(-(active - done) // ROW_MULTIPLE) * ROW_MULTIPLE)
+    return min(active, -(-(active - done) // SENTENCE_MULTIPLE) * SENTENCE_MULTIPLE)
 
 
 def kept_rows(finished: torch.Tensor, count: int) -> torch.Tensor:

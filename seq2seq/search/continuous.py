@@ -3,7 +3,7 @@
 Decoding batch by batch runs each batch until its longest output has ended: on the Multi30k test
 set a third of the greedy steps ran with 8 of 64 rows, and a step costs nearly as much with 8 rows
 as with 64 (every step reads all the weights: about 1.3 against 2.1 ms on the CPU, see
-docs/results.md). Here up to ``cfg.batch_size`` sentences are in flight; as soon as ROW_MULTIPLE
+docs/results.md). Here up to ``cfg.batch_size`` sentences are in flight; as soon as SENTENCE_MULTIPLE
 of them have ended, their rows are handed to the next sentences, so almost every step runs full
 (and meets the same matmul shapes). The encoder still runs a batch at a time; a batch is encoded
 when its first sentence is needed.
@@ -27,7 +27,7 @@ from seq2seq.model.attention import AttentionMemory
 from seq2seq.model.decoder import DecoderState
 from seq2seq.model.engine import Engine
 from seq2seq.search.common import (
-    ROW_MULTIPLE,
+    SENTENCE_MULTIPLE,
     Hypothesis,
     compact_to,
     kept_rows,
@@ -321,7 +321,7 @@ class _BeamPool(_Sentences):
 
 def _drive(pool: _Pool, source: _Source, engine: Engine, weights: Any) -> Iterator[tuple[int, Hypothesis]]:
     """Step ``pool`` until every sentence of ``source`` has ended: ended sentences' places go to
-    the next ones once ROW_MULTIPLE have ended; when the input is used up, the pool shrinks as
+    the next ones once SENTENCE_MULTIPLE have ended; when the input is used up, the pool shrinks as
     batch-by-batch search compacts."""
     before_cap = pool.steps_before_cap()
     while True:
@@ -332,7 +332,7 @@ def _drive(pool: _Pool, source: _Source, engine: Engine, weights: Any) -> Iterat
         if done == n and source.exhausted:
             yield from pool.results(torch.arange(n, device=pool.finished.device))
             return
-        if done >= ROW_MULTIPLE and not source.exhausted or done == n:
+        if done >= SENTENCE_MULTIPLE and not source.exhausted or done == n:
             # hand the ended sentences' places to the next ones
             slots = pool.finished.nonzero().squeeze(1)
             yield from pool.results(slots)

@@ -139,7 +139,8 @@ def load_optimizer_state(optimizer: Optimizer, payload: dict[str, Any]) -> None:
     if len(groups) != 1 or len(groups[0]["params"]) != len(own["params"]):
         raise ValueError(f"optimizer state for {sum(len(g['params']) for g in groups)} parameters in "
                          f"{len(groups)} group(s); this model has {len(own['params'])} in one")
-    group = {**own, **{k: groups[0][k] for k in ("lr", "betas", "eps", "weight_decay") if k in groups[0]}}
+    group = {**own, **{k: groups[0][k] for k in ("lr", "betas", "eps", "weight_decay") if k in groups[0]},
+             "params": list(range(len(own["params"])))}  # a state dict names parameters by index
     state = {int(k): dict(v) for k, v in payload["state"].items()}
     for saved in state.values():
         saved["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).reshape(())
