@@ -108,6 +108,7 @@ TRAIN_FAMILIES: dict[str, list[str]] = {
 }
 PRECISIONS = ("bf16", "fp32")
 DRY_RUN_STEPS = 6
+DRY_RUN_DECODE = 40  # test sentences decoded by the dry run's timing section
 TRAIN_LOSS_RE = re.compile(r"step (\d+): train loss (\S+),")
 
 
@@ -197,12 +198,12 @@ def _parity_families():
 
 
 def _tiny_model(attention, seed: int):
-    """A randomly initialised tiny model, weights scaled up a little so that outputs depend on the
-    source, and a small EOS bias so that most outputs end before the length cap."""
+    """A randomly initialised tiny model, every weight doubled so that outputs depend more on the
+    source (as tests/helpers_model.py's ``scale``)."""
     import torch
 
     from seq2seq.core.config import ModelConfig
-    from seq2seq.data.tokenizer import EOS_ID, PAD_ID
+    from seq2seq.data.tokenizer import PAD_ID
     from seq2seq.model.network import build_model
 
     torch.manual_seed(seed)
@@ -211,9 +212,47 @@ def _tiny_model(attention, seed: int):
     model = build_model(cfg, SRC_VOCAB, TGT_VOCAB, PAD_ID)
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(1.5)
-        model.output_layer.bias[EOS_ID] += 1.0
+            p.mul_(2.0)
     return model.eval()
+
+
+def _ended(outputs: list[list[int]], sentences: list[list[int]]) -> int:
+    """Outputs that are not empty and ended with EOS before the length cap (ratio 2, offset 10)."""
+    return sum(0 < len(out) < 2 * (len(src) + 1) + 10 - 1 for out, src in zip(outputs, sentences))
+
+
+def _calibrate_eos(model, sentences: list[list[int]]) -> tuple[float, dict[int, list[list[int]]]]:
+    """Shift the EOS bias of an untrained model so that greedy and beam outputs are a mix of
+    sentences that end on their own and sentences that run to the cap (an untrained model
+    otherwise tends to write nothing or never stop, which leaves search's finishing and refilling
+    of rows untested). Picked on the CPU reference engine, the baseline, so it is the same on
+    every machine. Returns the shift and the baseline outputs at it."""
+    import torch
+
+    from seq2seq.core.config import Kernels
+    from seq2seq.data.tokenizer import EOS_ID
+    from seq2seq.model.engine import build_engine
+
+    cpu = torch.device("cpu")
+    engine = build_engine(model, Kernels.reference, cpu)
+    bias = model.output_layer.bias
+    base = float(bias[EOS_ID].detach())
+    best: tuple[tuple[int, int], float, dict[int, list[list[int]]]] | None = None
+    for shift in (0.0, -0.25, 0.25, -0.5, 0.5, -0.75, 0.75, -1.0, 1.0, -1.5, 1.5):
+        with torch.no_grad():
+            bias[EOS_ID] = base + shift
+        outs = {b: _outputs(engine, sentences, b, cpu) for b in (1, 5)}
+        ended = (_ended(outs[1], sentences), _ended(outs[5], sentences))
+        n = len(sentences)
+        key = (min(min(e, n - e) for e in ended), sum(ended))  # both mixed, then most ended
+        if best is None or key > best[0]:
+            best = (key, shift, outs)
+        if key[0] >= n // 4:
+            break
+    assert best is not None
+    with torch.no_grad():
+        bias[EOS_ID] = base + best[1]
+    return best[1], best[2]
 
 
 def _random_sentences(n: int, min_len: int, max_len: int, vocab: int, seed: int) -> list[list[int]]:
@@ -301,14 +340,15 @@ def run_parity(device, seed: int = 0) -> dict:
             weights = torch.randn(*batch.tgt_out.shape, TGT_VOCAB, generator=g)
             sentences = _random_sentences(PARITY_SENTENCES, 1, 15, SRC_VOCAB, seed + 400 + k)
 
+            eos_shift, base_out = _calibrate_eos(model, sentences)
             base_engine = build_engine(model, Kernels.reference, cpu)
             base_logits, base_grads = _forward_and_grads(base_engine, batch, weights)
-            base_out = {b: _outputs(base_engine, sentences, b, cpu) for b in (1, 5)}
+            ended = {b: _ended(base_out[b], sentences) for b in (1, 5)}
 
             dev_model = copy.deepcopy(model).to(device)
             candidates = [
-                (f"{device.type}-reference vs cpu-reference", build_engine(dev_model, Kernels.reference, device),
-                 device),
+                (f"{device.type}-reference vs cpu-reference",
+                 build_engine(dev_model, Kernels.reference, device), device),
                 ("cpu-fast vs cpu-reference", build_engine(model, Kernels.fast, cpu), cpu),
             ]
             for comparison, engine, dev in candidates:
@@ -322,15 +362,19 @@ def run_parity(device, seed: int = 0) -> dict:
                 row = {
                     "family": family, "comparison": comparison, "engine": engine.name,
                     "logits_max_abs_diff": logit_err, "logits_ok": logit_err <= LOGITS_ATOL,
-                    "grad_max_rel_err": grad_err, "grad_worst_param": grad_name, "grad_problems": grad_problems,
+                    "grad_max_rel_err": grad_err, "grad_worst_param": grad_name,
+                    "grad_problems": grad_problems,
                     "grads_ok": grad_err < GRAD_RTOL and not grad_problems,
                     "sentences": n, "greedy_same": same[1], "beam5_same": same[5],
+                    "eos_bias_shift": eos_shift,
+                    "baseline_greedy_ended": ended[1], "baseline_beam5_ended": ended[5],
                     "outputs_ok": min(same.values()) >= OUTPUTS_MIN_AGREE * n,
                 }
                 row["passed"] = row["logits_ok"] and row["grads_ok"] and row["outputs_ok"]
                 rows.append(row)
                 _say(f"[parity] {family:<19} {comparison:<34} logits {logit_err:.1e}  grads {grad_err:.1e} "
-                     f"({grad_name})  greedy {same[1]}/{n}  beam5 {same[5]}/{n}  "
+                     f"({grad_name})  greedy {same[1]}/{n}  beam5 {same[5]}/{n} "
+                     f"(ended early {ended[1]}, {ended[5]})  "
                      f"{'ok' if row['passed'] else 'FAILED'}  ({time.perf_counter() - start:.1f} s)")
             del dev_model
     finally:
@@ -362,7 +406,7 @@ def _train_overrides(args, family: str, precision: str, run_dir: Path, threads: 
         f"trainer.max_steps={steps}", "trainer.max_epochs=null", f"trainer.valid_every={steps}",
         f"trainer.log_every={max(1, steps // 10) if not args.dry_run else 2}",
         "trainer.evaluate_at_end=false", "trainer.progress=false",
-        f"trainer.valid_max_sentences={50 if args.dry_run else 200}", f"trainer.num_threads={threads}",
+        f"trainer.valid_max_sentences={20 if args.dry_run else 200}", f"trainer.num_threads={threads}",
         f"name=gpu_check-{family}-{precision}", f"hydra.run.dir={run_dir}",
     ]
 
@@ -418,7 +462,8 @@ def _train_one(args, family: str, precision: str, threads: int) -> dict:
     fell = finite and len(losses) >= 2 and last < first
     error = None
     if rc != 0:
-        tail = console.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] if console.is_file() else []
+        text = console.read_text(encoding="utf-8", errors="replace") if console.is_file() else ""
+        tail = text.strip().splitlines()[-1:]
         error = f"exit {rc if rc is not None else 'timeout'}" + (f": {tail[0][:200]}" if tail else "")
     elif len(losses) < 2:
         error = f"only {len(losses)} logged loss value(s) in {run_dir / 'train.log'}"
@@ -455,8 +500,9 @@ def run_training(args) -> dict:
         for future in concurrent.futures.as_completed(futures):
             row = future.result()
             rows.append(row)
-            _say(f"[training] {row['family']:<19} {row['precision']:<5} loss {_fmt(row['first_loss'], '.4f')} -> "
-                 f"{_fmt(row['last_loss'], '.4f')}  {row['seconds']:.1f} s  "
+            _say(f"[training] {row['family']:<19} {row['precision']:<5} "
+                 f"loss {_fmt(row['first_loss'], '.4f')} -> {_fmt(row['last_loss'], '.4f')}  "
+                 f"{row['seconds']:.1f} s  "
                  f"{'ok' if row['passed'] else 'FAILED: ' + str(row['error'])}")
     order = {job: i for i, job in enumerate(jobs)}
     rows.sort(key=lambda r: order[(r["family"], r["precision"])])
@@ -470,7 +516,8 @@ def run_training(args) -> dict:
 def _timing_overrides(args, family: str, threads: int) -> list[str]:
     if args.dry_run:
         budget = [f"trainer.max_steps={DRY_RUN_STEPS}", "trainer.max_epochs=null",
-                  f"trainer.valid_every={DRY_RUN_STEPS}", "trainer.log_every=2", "trainer.valid_max_sentences=50"]
+                  f"trainer.valid_every={DRY_RUN_STEPS}", "trainer.log_every=2",
+                  "trainer.valid_max_sentences=20"]
     else:
         budget = ["trainer.max_epochs=1", "trainer.max_steps=null", "trainer.valid_max_sentences=200"]
     return [*_data_overrides(args), *TRAIN_FAMILIES[family], *budget, f"trainer.device={args.device}",
@@ -485,7 +532,7 @@ def _time_decode(loaded, src_ids, beam: int) -> dict:
     from seq2seq.search.translate import translate_ids
 
     search = SearchConfig(beam_size=beam)
-    translate_ids(loaded.engine, src_ids[:64], search, loaded.device, loaded.amp_dtype)  # warm-up
+    translate_ids(loaded.engine, src_ids[:16], search, loaded.device, loaded.amp_dtype)  # warm-up
     _reset_peak(loaded.device)
     start = time.perf_counter()
     hyps = translate_ids(loaded.engine, src_ids, search, loaded.device, loaded.amp_dtype)
@@ -534,8 +581,11 @@ def _time_one(args, family: str, threads: int) -> dict:
         data = prepare_data(cfg.data, cfg.tokenizer)  # cached: the same tokenizer the run used
         split = cfg.data.test_splits[0]
         src_ids = list(data.splits[split]["src_ids"])
+        if args.dry_run:
+            src_ids = src_ids[:DRY_RUN_DECODE]
         row["test_split"] = split
-        row["decode"] = {name: _time_decode(loaded, src_ids, beam) for name, beam in (("greedy", 1), ("beam5", 5))}
+        row["decode"] = {name: _time_decode(loaded, src_ids, beam)
+                         for name, beam in (("greedy", 1), ("beam5", 5))}
         del loaded
         row["error"] = None
     except Exception as err:  # noqa: BLE001 - a crash is this check's failure, reported with the rest
@@ -564,7 +614,8 @@ def run_timing(args) -> dict:
             _say(f"[timing] {family:<19} {row['steps']} steps in {row['wall_s']:.1f} s wall "
                  f"({row['train_seconds']:.1f} s updates, {row['train_tokens_per_s']:,.0f} tok/s, "
                  f"peak {_fmt(row['train_peak_gpu_mb'], '.0f')} MB); "
-                 f"greedy {d['greedy']['sentences_per_s']:.1f} sent/s, beam5 {d['beam5']['sentences_per_s']:.1f} sent/s")
+                 f"greedy {d['greedy']['sentences_per_s']:.1f} sent/s, "
+                 f"beam5 {d['beam5']['sentences_per_s']:.1f} sent/s")
         else:
             _say(f"[timing] {family:<19} FAILED: {row['error']}")
     return {"threads": threads if args.device == "cpu" else None, "runs": rows,
@@ -582,16 +633,18 @@ def failures(report: dict) -> list[str]:
             lines.append(f"parity {row['family']} {row['comparison']}: logits max abs diff "
                          f"{row['logits_max_abs_diff']:.2e} > {LOGITS_ATOL:g}")
         if not row["grads_ok"]:
-            why = "; ".join(row["grad_problems"]) or (f"relative error {row['grad_max_rel_err']:.2e} >= {GRAD_RTOL:g} "
-                                                      f"({row['grad_worst_param']})")
+            why = "; ".join(row["grad_problems"]) or (
+                f"relative error {row['grad_max_rel_err']:.2e} >= {GRAD_RTOL:g} ({row['grad_worst_param']})")
             lines.append(f"parity {row['family']} {row['comparison']}: gradients: {why}")
         if not row["outputs_ok"]:
-            lines.append(f"parity {row['family']} {row['comparison']}: outputs agree greedy {row['greedy_same']}/"
-                         f"{row['sentences']}, beam5 {row['beam5_same']}/{row['sentences']} "
+            lines.append(f"parity {row['family']} {row['comparison']}: outputs agree "
+                         f"greedy {row['greedy_same']}/{row['sentences']}, "
+                         f"beam5 {row['beam5_same']}/{row['sentences']} "
                          f"(< {OUTPUTS_MIN_AGREE:.0%})")
     for row in report.get("training", {}).get("runs", []):
         if not row["passed"]:
-            lines.append(f"training {row['family']} {row['precision']}: {row['error']} (see {row['console']})")
+            lines.append(f"training {row['family']} {row['precision']}: {row['error']} "
+                         f"(see {row['console']})")
     for row in report.get("timing", {}).get("runs", []):
         if not row["passed"]:
             lines.append(f"timing {row['family']}: {row['error']}")
@@ -615,20 +668,25 @@ def markdown(report: dict) -> str:
         p = report["parity"]
         tol = p["tolerances"]
         parts += ["## Parity (float32, tiny models)", "",
-                  f"Baseline: the reference engine on the CPU. Logits atol {tol['logits_atol']:g}; gradient relative "
-                  f"error < {tol['grad_rtol']:g}; outputs fail below {tol['outputs_min_agree']:.0%} identical.", "",
+                  f"Baseline: the reference engine on the CPU. Logits atol {tol['logits_atol']:g}; "
+                  f"gradient relative error < {tol['grad_rtol']:g}; outputs fail below "
+                  f"{tol['outputs_min_agree']:.0%} identical.", "",
+                  "Outputs: an untrained model's EOS bias is shifted so that some outputs end on their own; "
+                  "'ended' counts the baseline's outputs that did (greedy / beam5).", "",
                   _table(["family", "comparison", "logits max abs diff", "grad max rel err", "worst param",
-                          "greedy same", "beam5 same", "result"],
+                          "greedy same", "beam5 same", "ended", "result"],
                          [[r["family"], r["comparison"], f"{r['logits_max_abs_diff']:.2e}",
                            f"{r['grad_max_rel_err']:.2e}", r["grad_worst_param"],
                            f"{r['greedy_same']}/{r['sentences']}", f"{r['beam5_same']}/{r['sentences']}",
+                           f"{r['baseline_greedy_ended']} / {r['baseline_beam5_ended']}",
                            "ok" if r["passed"] else "**FAIL**"] for r in p["checks"]]), ""]
     if "training" in report and not report["training"].get("crashed"):
         t = report["training"]
         parts += [f"## Training ({t['steps']} updates, reference kernels, {t['jobs']} at a time)", "",
                   _table(["family", "precision", "first loss", "last loss", "logged points", "skipped steps",
                           "tokens/s", "seconds", "result"],
-                         [[r["family"], r["precision"], _fmt(r["first_loss"], ".4f"), _fmt(r["last_loss"], ".4f"),
+                         [[r["family"], r["precision"], _fmt(r["first_loss"], ".4f"),
+                           _fmt(r["last_loss"], ".4f"),
                            len(r["losses"]), _fmt(r["skipped_steps"]), _fmt(r["tokens_per_s"], ",.0f"),
                            f"{r['seconds']:.1f}", "ok" if r["passed"] else f"**FAIL**: {r['error']}"]
                           for r in t["runs"]]), ""]
@@ -643,10 +701,13 @@ def markdown(report: dict) -> str:
             rows.append([r["family"], r["engine"], r["precision"], r["steps"], f"{r['wall_s']:.1f}",
                          f"{r['train_seconds']:.1f}", f"{r['train_tokens_per_s']:,.0f}",
                          _fmt(r["train_peak_gpu_mb"], ",.0f"), f"{g['sentences_per_s']:.1f}",
-                         f"{b['sentences_per_s']:.1f}", f"{_fmt(g['peak_gpu_mb'], ',.0f')} / {_fmt(b['peak_gpu_mb'], ',.0f')}",
+                         f"{b['sentences_per_s']:.1f}",
+                         f"{_fmt(g['peak_gpu_mb'], ',.0f')} / {_fmt(b['peak_gpu_mb'], ',.0f')}",
                          "ok"])
-        parts += ["## Timing (one epoch, in-process)" if not meta["dry_run"] else "## Timing (smoke run, in-process)",
-                  "", f"Decoding: the run's test split ({t['runs'][0].get('test_split', '?') if t['runs'] else '?'}), "
+        split = t["runs"][0].get("test_split", "?") if t["runs"] else "?"
+        title = "smoke run" if meta["dry_run"] else "one epoch"
+        parts += [f"## Timing ({title}, in-process)",
+                  "", f"Decoding: the run's test split ({split}), "
                   "the run's precision. Peak memory is torch.cuda.max_memory_allocated (n/a on the CPU; "
                   f"process peak RSS {t['peak_rss_mb']:,.0f} MB).", "",
                   _table(["family", "engine", "precision", "updates", "wall s", "update s", "train tok/s",
@@ -681,14 +742,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="data.cache_dir for every run (default: the config's; --dry-run: <out>/cache)")
     parser.add_argument("--steps", type=int, default=300, help="updates per training run (--dry-run: 6)")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="training runs at a time (default: 3 on CUDA, 2 on the CPU)")
+                        help="training runs at a time (default 3)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads per process (default: cores / jobs for training, all cores for timing; "
-                             "--dry-run: 1)")
+                        help="CPU threads per process (default: cores / jobs for training, all cores "
+                             "for timing; --dry-run: 1)")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
     parser.add_argument("--run-timeout", type=float, default=None,
                         help="seconds before a training run is killed (default 480; --dry-run 120)")
-    parser.add_argument("--dry-run", action="store_true", help="CPU, synthetic smoke-sized data, tiny budgets")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU, synthetic smoke-sized data, tiny budgets")
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(args.sections) - set(SECTIONS)
@@ -721,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads is None:
             args.threads = 1
     if args.jobs is None:
-        args.jobs = 3 if args.device == "cuda" else 2
+        args.jobs = 3
     args.run_timeout = args.run_timeout or (120.0 if args.dry_run else 480.0)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
