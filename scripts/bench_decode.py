@@ -25,17 +25,19 @@ def main() -> None:
     parser.add_argument("--precision", choices=["run", "fp32", "bf16"], default="run",
                         help="decode in the run's own precision (default) or force float32 / bf16 autocast")
     parser.add_argument("--batch-size", type=int, default=None, help="sentences decoded together (default: the run's)")
+    parser.add_argument("--kernels", choices=["auto", "fast", "reference"], default="auto",
+                        help="the engine that decodes (docs/engines.md)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from seq2seq.core.config import SearchConfig
+    from seq2seq.core.config import Device, Kernels, SearchConfig
     from seq2seq.data.cleaning import normalize
     from seq2seq.evaluation.evaluate import find_checkpoint, load_model
     from seq2seq.pipeline import load_split
     from seq2seq.search.translate import translate_ids
 
-    loaded = load_model(find_checkpoint(args.run_dir))
+    loaded = load_model(find_checkpoint(args.run_dir), Device.auto, Kernels(args.kernels))
     cfg = loaded.cfg
     if args.data_root:
         cfg.data.root = args.data_root

@@ -131,3 +131,14 @@ def test_under_bf16_autocast_it_agrees_with_batch_by_batch_decoding(beam_size, k
     for a, b in zip(streamed, alone):
         if a.tokens != b.tokens:
             assert a.score == pytest.approx(b.score, rel=2e-2, abs=5e-2)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_a_pool_takes_batches_whose_encoder_outputs_differ_in_dtype(beam_size, kernels):
+    """Under bf16 autocast nn.LSTM gives bf16 states for a batch of one sentence and float32 for
+    packed batches of several: the last, one-sentence batch joins a float32 pool."""
+    model = make_model("luong-general-feed", 4, eos_bias=1.0, scale=2.5)
+    src = random_sentences(17, 1, 15, SRC_VOCAB, seed=3)
+    cfg = SearchConfig(beam_size=beam_size, batch_size=16)
+    hyps = translate_ids(engine_of(model, kernels), src, cfg, CPU, amp_dtype=torch.bfloat16)
+    assert len(hyps) == 17 and all(h is not None for h in hyps)

@@ -154,7 +154,7 @@ class _Sentences:
         width = max(self.memory.mask.size(1), rows.memory.mask.size(1))
         self.memory, memory = _widen(self.memory, width), _widen(rows.memory, width)
         for dest, src in zip(self.memory[:3], memory[:3]):
-            dest.index_copy_(0, slots, src)
+            dest.index_copy_(0, slots, src.to(dest.dtype))  # the encoder's dtype may vary by batch
         self.ids.index_copy_(0, slots, rows.ids)
         self.limit.index_copy_(0, slots, rows.limit)
         _fill(slots, ((self.t, 0), (self.finished, False)))
