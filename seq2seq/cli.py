@@ -12,7 +12,9 @@ import difflib
 import logging
 import os
 import re
+import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -112,8 +114,10 @@ def _override_sets(overrides: list[str]) -> list[list[str]]:
     return sets
 
 
-def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
-    """Compose like Hydra does, turning every composition error into a one-line ``ConfigError``."""
+def compose_checked(config_name: str, overrides: list[str],
+                    check: Callable[[object], None] | None = None) -> DictConfig:
+    """Compose like Hydra does, turning every composition error into a one-line ``ConfigError``.
+    ``check`` sees each composed config (each job's, for a sweep) as its typed object."""
     user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     try:
         sets = _override_sets(user)
@@ -121,7 +125,9 @@ def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
         for ov in sets:
             with initialize_config_dir(str(CONFIG_DIR), version_base=None):
                 composed = compose(config_name, overrides=ov)
-            OmegaConf.to_object(composed)  # resolves interpolations and checks every value
+            typed = OmegaConf.to_object(composed)  # resolves interpolations and checks every value
+            if check is not None:
+                check(typed)
             cfg = cfg or composed
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         if _debug():
@@ -147,15 +153,67 @@ def _resume_args(args: list[str]) -> list[str]:
 
 
 def _refuse_used_run_dir(args: list[str]) -> None:
-    """A new run aimed (``hydra.run.dir=DIR``) at a directory that already holds one is refused
-    here, before Hydra rewrites DIR/.hydra/ (which would replace the overrides its resume needs)."""
+    """A new run aimed (``hydra.run.dir=DIR``, or a sweep's ``hydra.sweep.dir=DIR``) at a directory
+    that already holds a run, or a part of one, is refused here: before Hydra writes DIR/.hydra/
+    (which would replace the overrides a resume needs) and before anything else is written."""
+    from seq2seq.core.runlock import run_markers
+
     if any(a.startswith("trainer.resume=") for a in args):
         return
     for a in args:
         key, _, value = a.lstrip("+").partition("=")
-        if key == "hydra.run.dir" and (Path(value) / "checkpoints" / "last.pt").exists():
-            raise RunDirError(f"{value} already holds a training run; resume it with trainer.resume={value} "
-                              "or start a new run directory")
+        if key == "hydra.run.dir" and not _multirun(args):
+            found = run_markers(Path(value))
+            if found:
+                raise RunDirError(f"{value} already holds a run ({', '.join(found)}); resume it with "
+                                  f"trainer.resume={value} or choose a new directory")
+        elif key == "hydra.sweep.dir" and _multirun(args) and Path(value).is_dir():
+            for job in sorted(p for p in Path(value).iterdir() if p.is_dir()):
+                found = run_markers(job)
+                if found:
+                    raise RunDirError(f"the sweep directory {value} already holds runs ({job}: {', '.join(found)}); "
+                                      "choose a new hydra.sweep.dir")
+
+
+def _make_run_dir_parent(args: list[str], name: str) -> None:
+    """Create the folder Hydra will create the run directory in (``hydra.run.dir``, or
+    ``outputs/<name>``), so a place that cannot hold one (a read-only parent, a path through a
+    file, /proc) gets one line here instead of a traceback from Hydra."""
+    target = Path("outputs") / name
+    for a in args:
+        key, _, value = a.lstrip("+").partition("=")
+        if key == ("hydra.sweep.dir" if _multirun(args) else "hydra.run.dir"):
+            target = Path(value)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise RunDirError(f"cannot create a run directory in {target} ({err.strerror}); choose another with "
+                          "hydra.run.dir=DIR (or name=...) in a writable place") from None
+
+
+def _multirun(args: list[str]) -> bool:
+    return any(a in ("-m", "--multirun") for a in args)
+
+
+def _lock_named_run_dir(args: list[str]) -> None:
+    """Lock the run directory named on the command line (a resume's, or ``hydra.run.dir``) before
+    Hydra writes into it, so a second trainer there stops before touching anything."""
+    from seq2seq.core.runlock import lock_run_dir
+
+    if _multirun(args):
+        return
+    for a in reversed(args):
+        key, _, value = a.lstrip("+").partition("=")
+        if key == "hydra.run.dir":
+            if Path(value).is_dir():
+                lock_run_dir(Path(value))
+            return
+
+
+# the sweep jobs that failed, "<run dir>: <error>", for the summary line at the sweep's end
+_failed_jobs: list[str] = []
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
@@ -167,9 +225,14 @@ def _train_task(dcfg: DictConfig) -> float | None:
         cfg: TrainConfig = OmegaConf.to_object(dcfg)
         reports = run_training(cfg, run_dir)
         print_reports(reports)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside the training loop (which saves and stops)
+        fail(Seq2SeqError(f"interrupted in {run_dir} outside the training loop (data preparation, set-up or the "
+                          "final evaluation); what was saved there stays; run the command again, or resume "
+                          "with trainer.resume=DIR if it has a checkpoint"), 130)
     except Seq2SeqError as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # one bad job must not end the sweep
             log.error("%s: %s", run_dir, err)
+            _failed_jobs.append(f"{run_dir}: {err}")
             return None
         fail(err, err.exit_code)
     return reports[0][0].score.bleu if reports else None
@@ -184,17 +247,32 @@ def print_reports(reports: list) -> None:
         print(f"report: {out_dir}\n", flush=True)
 
 
+def _sigterm_interrupts(signum: int, _frame: object) -> None:
+    """SIGTERM outside the training loop (whose own handler saves first) ends the command as Ctrl-C
+    does: one line, not a bare exit status 143."""
+    raise KeyboardInterrupt
+
+
 def train() -> None:
     register_configs()
+    signal.signal(signal.SIGTERM, _sigterm_interrupts)
     args = sys.argv[1:]
     try:
         args = _resume_args(args)
         _refuse_used_run_dir(args)
-        compose_checked("train", [a for a in args if not a.startswith("-")])
+        from seq2seq.pipeline import check_train_config
+
+        cfg = compose_checked("train", [a for a in args if not a.startswith("-")], check_train_config)
+        _make_run_dir_parent(args, str(cfg.name))
+        _lock_named_run_dir(args)
     except Seq2SeqError as err:
         fail(err, err.exit_code)
+    except KeyboardInterrupt:
+        fail(Seq2SeqError("interrupted before anything was written"), 130)
     sys.argv = [sys.argv[0], *args]
     _train_task()
+    if _failed_jobs:  # a sweep ran to its end with failed jobs: say which, exit non-zero
+        fail(Seq2SeqError(f"{len(_failed_jobs)} sweep job(s) failed: " + "; ".join(_failed_jobs)), 1)
 
 
 # ----------------------------------------------------------------------------- evaluate / translate

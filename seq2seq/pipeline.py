@@ -13,13 +13,15 @@ from datasets import Dataset
 
 from seq2seq.core.checkpoint import step_checkpoints
 from seq2seq.core.config import EvalConfig, EvaluateConfig, SearchConfig, TrainConfig
-from seq2seq.core.errors import DataError, RunDirError
+from seq2seq.core.errors import ConfigError, DataError, RunDirError
 from seq2seq.core.files import write_text_atomic
+from seq2seq.core.runlock import lock_run_dir
 from seq2seq.core.tracking import Tracker
 from seq2seq.data.corpus import check_languages, load_corpus, read_lines
 from seq2seq.data.prepare import prepare_data
 from seq2seq.evaluation.evaluate import (
     LoadedModel,
+    check_eval_config,
     eval_dir_name,
     evaluate,
     find_checkpoint,
@@ -54,12 +56,43 @@ def check_free_space(run_dir: Path, needed: int) -> None:
                           "hydra.run.dir=...")
 
 
+def check_train_config(cfg: TrainConfig) -> None:
+    """Every check of a training config that needs no file: the command runs these before Hydra
+    creates the run directory (nothing is left behind by a bad config), and the run again."""
+    name = Path(cfg.name)
+    if not cfg.name or name.is_absolute() or ".." in name.parts:
+        raise ConfigError(f"name={cfg.name} would put the run outside outputs/; use a plain name such as "
+                          "name=my-run (or hydra.run.dir=DIR for another place)")
+    check_trainer_config(cfg)
+    check_model_config(cfg.model)
+    check_eval_config(cfg.eval)
+    check_languages(cfg.data)
+
+
+def warn_unused_keys(cfg: TrainConfig) -> None:
+    """Say which set keys the chosen model does not read (they stay in the config, unused)."""
+    from seq2seq.core.config import AttentionConfig, AttentionType, LuongScore
+
+    att, default = cfg.model.attention, AttentionConfig()
+    family = att.type.value
+    unused = []
+    if att.type != AttentionType.luong:
+        unused += [f"model.attention.{key}={getattr(att, key).value if key == 'score' else getattr(att, key)}"
+                   for key in ("score", "input_feeding") if getattr(att, key) != getattr(default, key)]
+    additive = att.type == AttentionType.bahdanau or (att.type == AttentionType.luong and att.score == LuongScore.concat)
+    if not additive and att.hidden_size != default.hidden_size:
+        unused.append(f"model.attention.hidden_size={att.hidden_size}")
+        family = f"luong {att.score.value}" if att.type == AttentionType.luong else family
+    for key in unused:
+        log.warning("%s does not apply to %s attention and is ignored", key, family)
+
+
 def run_training(cfg: TrainConfig, run_dir: Path) -> list[tuple[EvalReport, Path]]:
     """Train (or resume) in ``run_dir``, then evaluate the best checkpoint on the test splits."""
     check_writable(run_dir)
-    check_trainer_config(cfg)  # every config check before the (possibly long) data preparation
-    check_model_config(cfg.model)
-    check_languages(cfg.data)
+    lock_run_dir(run_dir)  # for the life of this process (see seq2seq/core/runlock.py)
+    check_train_config(cfg)  # every config check before the (possibly long) data preparation
+    warn_unused_keys(cfg)
     ckpt_dir = run_dir / "checkpoints"
     has_checkpoint = (ckpt_dir / "last.pt").exists() or bool(step_checkpoints(ckpt_dir))
     if cfg.trainer.resume is None and has_checkpoint:
@@ -167,6 +200,7 @@ def load_split(cfg: TrainConfig, split: str) -> Dataset:
 
 def run_evaluate(ecfg: EvaluateConfig) -> list[tuple[EvalReport, Path]]:
     check_search_config(ecfg.search)
+    check_eval_config(ecfg.eval)
     run_dir = Path(ecfg.run_dir)
     loaded = load_model(find_checkpoint(run_dir, ecfg.checkpoint.value), ecfg.device, ecfg.kernels)
     if ecfg.data_root is not None:

@@ -34,3 +34,16 @@ def test_multirun_sweep_ends_in_a_comparison(tmp_path: Path) -> None:
     assert {r["label"] for r in rows} == {"none", "bahdanau"}
     result = json.loads((sweep / "comparison.json").read_text())
     assert result["baseline"] == "none"
+
+
+def test_a_sweep_with_failed_jobs_exits_non_zero_naming_them(tmp_path: Path) -> None:
+    """Every job of this sweep fails at run time (no corpus where it points); the sweep still runs
+    each, then exits 1 with one line naming the failed jobs."""
+    proc = run_cli("seq2seq-train", ["-m", "data=multi30k", f"data.root={tmp_path}/nowhere-a,{tmp_path}/nowhere-b",
+                                     "trainer.max_steps=1"], tmp_path, tmp_path / "cache", timeout=300)
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = err.rstrip().splitlines()[-1]
+    assert last.startswith("error: 2 sweep job(s) failed: "), last
+    assert "nowhere-a" in last and "nowhere-b" in last

@@ -4,6 +4,7 @@ of the tokenized splits, and one-line errors that leave the cache as it was."""
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def test_separate_models(tmp_path: Path, toy_text):
     cfg = replace(TOK, joint=False, vocab_size=320)
     tok = build_tokenizer(de, en, cfg, tmp_path, "sep")
     assert not tok.joint
-    assert sorted(p.name for p in (tmp_path / "spm" / "sep").iterdir()) == ["src.model", "tgt.model"]
+    assert sorted(p.name for p in (tmp_path / "spm" / "sep").glob("*.model")) == ["src.model", "tgt.model"]
     assert tok.src_proto != tok.tgt_proto
     for proc in (tok.src, tok.tgt):
         assert (proc.pad_id(), proc.unk_id(), proc.bos_id(), proc.eos_id()) == SPECIAL_IDS
@@ -129,7 +130,7 @@ def test_model_cache_is_reused(tmp_path: Path, toy_text, monkeypatch):
     first = build_tokenizer(de, en, TOK, tmp_path, "key1")
     model = tmp_path / "spm" / "key1" / "joint.model"
     before = snapshot(tmp_path)
-    assert list(before) == ["spm/key1/joint.model"]
+    assert list(before) == ["spm/key1/joint.model", "spm/key1/joint.model.manifest.json"]
 
     def no_training(*args, **kwargs):
         raise AssertionError("SentencePiece was retrained although the model is cached")
@@ -256,3 +257,78 @@ def test_unwritable_cache_dir(corpus_writer, make_data_cfg, toy_splits, tmp_path
     with pytest.raises(DataError) as err:
         prepare_data(make_data_cfg(cache_dir=str(blocker / "cache")), TOK)
     assert "data.cache_dir" in str(err.value) and "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- damaged caches
+
+
+def _split_file(prepared, split: str) -> Path:
+    (entry,) = prepared.splits[split].cache_files
+    return Path(entry["filename"])
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """New content under ``path`` as a new file (datasets in this process still maps the old one:
+    overwriting it in place would pull the pages from under that mapping)."""
+    tmp = path.with_name(path.name + ".damaged")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _cut_to_first_batch(path: Path) -> None:
+    """Keep the Arrow stream's first record batch only: a file that still reads as a valid table."""
+    import pyarrow as pa
+
+    with pa.OSFile(str(path), "rb") as source:
+        reader = pa.ipc.open_stream(source)
+        first = reader.read_next_batch()
+        schema = reader.schema
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, schema) as writer:
+        writer.write_batch(first.slice(0, min(first.num_rows, 7)))
+    _replace_file(path, sink.getvalue().to_pybytes())
+
+
+@pytest.mark.parametrize("damage", ["swapped-for-valid", "cut-at-a-batch", "manifest-gone"])
+def test_a_damaged_tokenized_split_is_rebuilt_with_a_warning(corpus_writer, make_data_cfg, toy_splits, damage,
+                                                             caplog):
+    corpus_writer(toy_splits)
+    cfg = make_data_cfg()
+    first = prepare_data(cfg, TOK)
+    expected = first.train.to_dict()
+    train = _split_file(first, "train")
+    if damage == "swapped-for-valid":
+        _replace_file(train, _split_file(first, "valid").read_bytes())
+    elif damage == "cut-at-a-batch":
+        _cut_to_first_batch(train)
+    else:
+        train.with_name(train.name + ".manifest.json").unlink()
+    second = prepare_data(cfg, TOK)
+    assert len(second.train) == 120
+    assert second.train.to_dict() == expected
+    assert any("rebuilding" in r.getMessage() and str(train) in r.getMessage() for r in caplog.records)
+    # and the rebuilt entry verifies: a third run reads it without a word
+    caplog.clear()
+    assert prepare_data(cfg, TOK).train.to_dict() == expected
+    assert not any("rebuilding" in r.getMessage() for r in caplog.records)
+
+
+def test_a_corrupt_sentencepiece_model_is_retrained(corpus_writer, make_data_cfg, toy_splits, tmp_path: Path,
+                                                    caplog):
+    corpus_writer(toy_splits)
+    cfg = make_data_cfg()
+    first = prepare_data(cfg, TOK)
+    (model,) = (tmp_path / "cache" / "spm").glob("*/joint.model")
+    _replace_file(model, b"\x00garbage" * 100)
+    second = prepare_data(cfg, TOK)
+    assert second.tokenizer.digest() == first.tokenizer.digest()
+    assert any("rebuilding" in r.getMessage() for r in caplog.records)
+
+
+def test_a_cache_folder_that_cannot_be_made_is_named(corpus_writer, make_data_cfg, toy_splits, tmp_path: Path):
+    from seq2seq.core.errors import DataError
+
+    corpus_writer(toy_splits)
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(DataError, match="a-file/cache.*not writable.*data.cache_dir"):
+        prepare_data(make_data_cfg(cache_dir=str(tmp_path / "a-file" / "cache")), TOK)

@@ -284,7 +284,7 @@ def test_a_new_run_into_a_used_directory_is_refused(trained, tmp_path, cache_dir
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in watched}
     proc = run_cli("seq2seq-train", ["experiment=smoke", "model/attention=none", f"hydra.run.dir={run}"],
                    tmp_path, cache_dir)
-    one_line_error(proc, "already holds a training run", "trainer.resume=")
+    one_line_error(proc, "already holds a run", "trainer.resume=")
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in watched} == before
     # ... so the run can still be resumed with its own settings.
     ok(run_cli("seq2seq-train", [f"trainer.resume={run}", "trainer.max_steps=21", "trainer.valid_every=21",
@@ -325,3 +325,19 @@ def test_both_engines_train_evaluate_and_translate_alike(tmp_path, cache_dir):
         out = ok(run_cli("seq2seq-translate", [f"run_dir={runs[kernels]}", f"kernels={other}", "search=beam"],
                          tmp_path, cache_dir, stdin=b"s1 s2 s3\n\nn4 n5\n"))
         assert len(out.stdout.decode().split("\n")) == 4  # three lines, the empty one kept
+
+
+# ----------------------------------------------------------------------------- eval keys
+
+
+@pytest.mark.parametrize(("command", "override", "key"), [
+    ("seq2seq-train", "eval.bootstrap_samples=0", "eval.bootstrap_samples"),
+    ("seq2seq-train", "eval.bucket_edges=[10,5]", "eval.bucket_edges"),
+    ("seq2seq-evaluate", "eval.bucket_edges=[]", "eval.bucket_edges"),
+])
+def test_bad_eval_keys_are_refused_before_any_work(command, override, key, tmp_path, cache_dir):
+    """Not after a whole training: before the data is even prepared, with no run written."""
+    args = ["experiment=smoke", override] if command == "seq2seq-train" else [f"run_dir={tmp_path}/none", override]
+    one_line_error(run_cli(command, args, tmp_path, tmp_path / "fresh-cache"), key)
+    assert not (tmp_path / "fresh-cache").exists()  # no data was prepared
+    assert not list(tmp_path.glob("outputs/*/*/checkpoints"))

@@ -145,6 +145,12 @@ class TokenBatchSampler:
             batches = [batches[j] for j in perm]
         return batches
 
+    def over_cap(self) -> tuple[int, int]:
+        """How many examples are longer alone than ``max_tokens`` allows (each gets a batch of its
+        own, over the cap), and the longest one's width in tokens."""
+        width = np.maximum(self.src_lengths, self.tgt_lengths)
+        return int((width > self.max_tokens).sum()), int(width.max(initial=0))
+
     def iterate(self, epoch: int, start: int = 0) -> Iterator[list[int]]:
         """The batches of ``epoch`` from position ``start`` on (for exact resume)."""
         yield from self.batches(epoch)[start:]

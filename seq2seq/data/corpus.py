@@ -65,10 +65,26 @@ def load_corpus(cfg: DataConfig) -> DatasetDict:
 
 
 def split_file(directory: Path, split: str, lang: str) -> Path | None:
-    for name in (f"{split}.{lang}", f"{split}.{lang}.gz"):
-        if (directory / name).is_file():
-            return directory / name
-    return None
+    """``<split>.<lang>``, else ``<split>.<lang>.gz``. A plain file wins over a .gz beside it; when
+    the two hold different text, that is said (an unpacked copy edited or left over, say)."""
+    plain, packed = directory / f"{split}.{lang}", directory / f"{split}.{lang}.gz"
+    for path in (plain, packed):
+        if path.is_dir():
+            raise DataError(f"{path} is a directory, where the corpus file of split '{split}' ({lang}) "
+                            "should be; move it away or put the file there")
+    if plain.is_file():
+        if packed.is_file() and _differ(plain, packed):
+            log.warning("%s is used, and %s beside it holds different text; remove the one you do not mean",
+                        plain, packed)
+        return plain
+    return packed if packed.is_file() else None
+
+
+def _differ(plain: Path, packed: Path) -> bool:
+    try:
+        return plain.read_bytes() != gzip.decompress(packed.read_bytes())
+    except (OSError, EOFError, zlib.error):
+        return True
 
 
 def _available_splits(directory: Path) -> list[str]:

@@ -1,13 +1,14 @@
 """From a data + tokenizer config to tokenized splits: load, clean, SentencePiece, tokenize.
 
-Tokenized splits are cached through ``datasets``' own map cache, under a file name keyed by the
-cleaned text and the tokenizer model, so a second run with the same inputs skips tokenization
-and a changed file never reuses stale ids.
+Tokenized splits are cached as Arrow files under a name keyed by the cleaned text and the
+tokenizer model, so a second run with the same inputs skips tokenization and a changed file never
+reuses stale ids; each cached file verifies itself before it is used (``seq2seq/data/cache.py``).
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from datasets import Dataset, DatasetDict, disable_progress_bars
 
 from seq2seq.core.config import DataConfig, TokenizerConfig
 from seq2seq.core.errors import DataError
+from seq2seq.data import cache
 from seq2seq.data.batching import TokenIds
 from seq2seq.data.cleaning import clean_corpus, fingerprint
 from seq2seq.data.corpus import load_corpus
@@ -49,18 +51,34 @@ def token_ids(ds: Dataset, column: str) -> TokenIds:
 
 
 def _tokenize(ds: Dataset, tokenizer: Tokenizer, cache_file: Path) -> Dataset:
+    """``ds`` with its token ids, from the cache when the cached file verifies (seq2seq/data/cache.py):
+    the right number of rows, the bytes its manifest recorded."""
+
     def encode(batch: dict) -> dict:
         return {"src_ids": tokenizer.encode_src(batch["src"]), "tgt_ids": tokenizer.encode_tgt(batch["tgt"])}
 
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    if cache_file.is_file():
+    if cache.verified(cache_file, rows=len(ds)):
         try:
             return Dataset.from_file(str(cache_file))
-        except Exception:  # a torn or foreign file: rebuild it rather than fail
-            log.warning("tokenized cache %s is unreadable; rebuilding it", cache_file)
-            cache_file.unlink(missing_ok=True)
-    return ds.map(encode, batched=True, batch_size=2000, cache_file_name=str(cache_file),
-                  load_from_cache_file=True, new_fingerprint=cache_file.stem)
+        except Exception as err:  # verified, yet unreadable (another datasets version): rebuild
+            log.warning("tokenized cache %s is unreadable (%s); rebuilding it", cache_file, err)
+    cache.remove(cache_file)
+    _writable_dir(cache_file.parent)
+    out = ds.map(encode, batched=True, batch_size=2000, cache_file_name=str(cache_file),
+                 load_from_cache_file=False, new_fingerprint=cache_file.stem)
+    cache.write_manifest(cache_file, rows=len(out))
+    return out
+
+
+def _writable_dir(folder: Path) -> None:
+    """``folder`` exists and takes new files, or a one-line error naming it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise DataError(f"the cache folder {folder} is not writable ({err.strerror}); point data.cache_dir "
+                        "(or SEQ2SEQ_CACHE) at a writable folder") from None
 
 
 def prepare_data(data: DataConfig, tok: TokenizerConfig) -> PreparedData:
@@ -70,11 +88,7 @@ def prepare_data(data: DataConfig, tok: TokenizerConfig) -> PreparedData:
     train = cleaned[data.train_split]
     key = tokenizer_key(tok, fingerprint(train), data.src_lang, data.tgt_lang)
     cache_dir = Path(data.cache_dir).expanduser()
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DataError(f"data.cache_dir={cache_dir} cannot be created ({err.strerror}); "
-                        "point data.cache_dir (or SEQ2SEQ_CACHE) at a writable folder") from None
+    _writable_dir(cache_dir)
     tokenizer = build_tokenizer(train["src"], train["tgt"], tok, cache_dir, key)
     tokenized = {}
     for split, ds in cleaned.items():

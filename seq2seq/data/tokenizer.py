@@ -20,8 +20,9 @@ from pathlib import Path
 import sentencepiece as spm
 
 from seq2seq.core.config import TokenizerConfig
-from seq2seq.core.errors import ConfigError
+from seq2seq.core.errors import ConfigError, DataError
 from seq2seq.core.files import write_bytes_atomic
+from seq2seq.data import cache
 
 log = logging.getLogger(__name__)
 
@@ -139,16 +140,27 @@ def build_tokenizer(
     folder = cache_dir / "spm" / key
     names = ["joint"] if cfg.joint else ["src", "tgt"]
     paths = [folder / f"{n}.model" for n in names]
-    if all(p.is_file() for p in paths):
-        log.info("reusing SentencePiece model(s) in %s", folder)
-        protos = [p.read_bytes() for p in paths]
-    else:
-        log.info("training SentencePiece (%s, %d pieces, %s)", cfg.model_type.value, cfg.vocab_size,
-                 "joint" if cfg.joint else "separate")
-        if cfg.joint:
-            protos = [_train_model([*src_lines, *tgt_lines], cfg, "joint source+target")]
+    if all(cache.verified(p) for p in paths):
+        try:
+            tokenizer = Tokenizer(*[p.read_bytes() for p in paths])
+        except (RuntimeError, OSError, ConfigError) as err:  # verified, yet unreadable here
+            log.warning("cached SentencePiece model(s) in %s are unreadable (%s); retraining", folder, err)
         else:
-            protos = [_train_model(src_lines, cfg, "source"), _train_model(tgt_lines, cfg, "target")]
+            log.info("reusing SentencePiece model(s) in %s", folder)
+            return tokenizer
+    for path in paths:
+        cache.remove(path)
+    log.info("training SentencePiece (%s, %d pieces, %s)", cfg.model_type.value, cfg.vocab_size,
+             "joint" if cfg.joint else "separate")
+    if cfg.joint:
+        protos = [_train_model([*src_lines, *tgt_lines], cfg, "joint source+target")]
+    else:
+        protos = [_train_model(src_lines, cfg, "source"), _train_model(tgt_lines, cfg, "target")]
+    try:
         for path, proto in zip(paths, protos):
             write_bytes_atomic(path, proto)
+            cache.write_manifest(path)
+    except OSError as err:
+        raise DataError(f"cannot write the SentencePiece model to {folder} ({err.strerror}); point "
+                        "data.cache_dir (or SEQ2SEQ_CACHE) at a writable folder") from None
     return Tokenizer(protos[0], protos[1] if len(protos) > 1 else None)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,17 @@ def output_dir(paths: list[Path], out: Path | None) -> Path:
                        "directory is given)")
 
 
+def _check_writable(folder: Path, what: str) -> None:
+    """``folder`` exists (made here if need be) and takes files, or one line naming it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise CompareError(f"{what} {folder} cannot hold the comparison files ({err.strerror}); "
+                           "pass --out DIR with a writable folder") from None
+
+
 def run_compare(paths: list[Path], out: Path | None = None, **options: Any) -> tuple[Comparison, dict[str, Path], str]:
     """Compare, write the files (see ``compare_report``); returns the comparison, paths and table."""
     from seq2seq.evaluation.compare_report import markdown_table, write_comparison
@@ -212,5 +224,6 @@ def run_compare(paths: list[Path], out: Path | None = None, **options: Any) -> t
     find_run_dirs(paths)  # path errors first
     out_dir = output_dir(paths, out)
     comparison = build_comparison(paths, **options)
+    _check_writable(out_dir, "--out" if out is not None else "the sweep directory")
     written = write_comparison(comparison, out_dir)
     return comparison, written, markdown_table(comparison)

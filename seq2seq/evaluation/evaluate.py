@@ -24,11 +24,11 @@ from seq2seq.core.files import write_text_atomic
 from seq2seq.core.tracking import Tracker
 from seq2seq.data.cleaning import normalize
 from seq2seq.data.tokenizer import PAD_ID, Tokenizer
-from seq2seq.evaluation.metrics import bleu_by_length, corpus_score
+from seq2seq.evaluation.metrics import bleu_by_length, bucket_labels, corpus_score
 from seq2seq.evaluation.report import EvalReport, unique_dir, write_report
 from seq2seq.model.devices import autocast_dtype, resolve_device
 from seq2seq.model.engine import Engine, build_engine, describe_engine
-from seq2seq.model.network import Seq2Seq, build_model
+from seq2seq.model.network import Seq2Seq, build_model, state_mismatch
 from seq2seq.search.common import search_label
 from seq2seq.search.translate import translate_ids
 
@@ -44,6 +44,19 @@ class LoadedModel:
     device: torch.device
     amp_dtype: torch.dtype | None
     engine: Engine
+
+
+def check_eval_config(cfg: EvalConfig) -> None:
+    """Reject ``eval.*`` settings that would only fail once the evaluation runs (after a whole
+    training), naming the key."""
+    try:
+        bucket_labels(list(cfg.bucket_edges))
+    except ValueError as err:
+        raise ConfigError(f"eval.bucket_edges: {err}; e.g. eval.bucket_edges=[1,11,21]") from None
+    if cfg.bootstrap_samples < 1:
+        raise ConfigError(f"eval.bootstrap_samples must be an integer >= 1 (got {cfg.bootstrap_samples})")
+    if cfg.heatmaps < 0:
+        raise ConfigError(f"eval.heatmaps must be 0 or more (got {cfg.heatmaps})")
 
 
 def find_checkpoint(run_dir: Path, which: str = "best") -> Path:
@@ -76,9 +89,9 @@ def load_model(path: Path, device: Device = Device.auto, kernels: Kernels = Kern
     model = build_model(cfg.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, PAD_ID)
     try:
         model.load_state_dict(payload["model"])
-    except RuntimeError as err:
+    except RuntimeError:
         raise CheckpointError(f"{path}: weights do not match the config stored with them "
-                              f"({str(err).splitlines()[0][:160]})") from None
+                              f"({state_mismatch(model, payload['model'])})") from None
     model.to(dev).eval()
     engine = build_engine(model, kernels, dev, key="kernels")
     log.info("%s", describe_engine(engine))

@@ -154,5 +154,24 @@ def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, pad_
     return Seq2Seq(encoder, decoder, output_layer, describe(cfg))
 
 
+def state_mismatch(model: nn.Module, state: dict[str, torch.Tensor], most: int = 4) -> str:
+    """Which tensors of ``state`` do not fit ``model``: missing, unexpected, or of another shape,
+    the first ``most`` of each named (for a one-line error)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+
+    def names(label: str, items: list[str]) -> str:
+        more = f" and {len(items) - most} more" if len(items) > most else ""
+        return f"{label}: {', '.join(items[:most])}{more}"
+
+    parts = [names(label, items) for label, items in
+             (("other shapes (checkpoint vs model)", shapes), ("missing", missing), ("unexpected", unexpected))
+             if items]
+    return "; ".join(parts) or "no tensor differs by name or shape"
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

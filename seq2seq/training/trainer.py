@@ -5,6 +5,7 @@ Knows nothing about Hydra: it takes a typed ``TrainConfig``, prepared data and a
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import signal
@@ -33,7 +34,7 @@ from seq2seq.data.tokenizer import PAD_ID
 from seq2seq.evaluation.metrics import corpus_score
 from seq2seq.model.devices import autocast_dtype, resolve_device
 from seq2seq.model.engine import build_engine, describe_engine
-from seq2seq.model.network import Seq2Seq, build_model, count_parameters
+from seq2seq.model.network import Seq2Seq, build_model, count_parameters, state_mismatch
 from seq2seq.search.common import check_search_config
 from seq2seq.search.translate import translate_ids
 from seq2seq.training.optim import (
@@ -166,6 +167,11 @@ class Trainer:
         self.sampler = TokenBatchSampler(self.train_src.lengths(), self.train_tgt.lengths(),
                                          cfg.trainer.max_tokens, cfg.trainer.max_sentences, cfg.seed)
         self.batches_per_epoch = len(self.sampler)
+        over, longest = self.sampler.over_cap()
+        if over:
+            log.warning("trainer.max_tokens=%d is below %d training sentence(s) (the longest takes %d tokens with "
+                        "padding): each gets a batch of its own, over the cap; raise trainer.max_tokens or lower "
+                        "data.max_len", cfg.trainer.max_tokens, over, longest)
         self.progress = Progress()
         self.num_parameters = count_parameters(self.model)
         log.info("model %s: %s parameters; %d training pairs in %d batches per epoch (%.1f%% padding)",
@@ -205,8 +211,14 @@ class Trainer:
             save_step_checkpoint(self.state_payload(), self.ckpt_dir, self.progress.step,
                                  self.cfg.trainer.keep_checkpoints, ("last", "best") if best else ("last",))
         except OSError as err:  # the write went to a temp file: earlier checkpoints are intact
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                remedy = "free space there"
+            elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                remedy = "make it writable"
+            else:
+                remedy = "fix that"
             raise TrainingError(f"cannot write a checkpoint to {self.ckpt_dir} at step {self.progress.step} "
-                                f"({err.strerror or err}); free space there, then resume with "
+                                f"({err.strerror or err}); {remedy}, then resume with "
                                 f"trainer.resume={self.run_dir}") from None
 
     def checkpoint_bytes(self) -> int:
@@ -219,8 +231,9 @@ class Trainer:
         path, payload = load_latest(self.ckpt_dir, map_location=self.device)
         try:
             self.model.load_state_dict(payload["model"])
-        except RuntimeError as err:
-            raise RunDirError(f"{path}: does not match the model config ({str(err).splitlines()[0]})") from None
+        except RuntimeError:
+            raise RunDirError(f"{path}: does not match the model config ({state_mismatch(self.model, payload['model'])}); "
+                              "resume with the run's own model settings") from None
         try:
             load_optimizer_state(self.optimizer, payload["optimizer"])
             self.scheduler.load_state_dict(payload["scheduler"])
