@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -30,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from seq2seq.core.config import EvaluateConfig, TrainConfig, TranslateConfig, register_configs
 from seq2seq.core.errors import ConfigError, RunDirError, Seq2SeqError
+from seq2seq.core.files import make_writable_dir
 
 log = logging.getLogger("seq2seq")
 
@@ -185,9 +185,7 @@ def _make_run_dir_parent(args: list[str], name: str) -> None:
         if key == ("hydra.sweep.dir" if _multirun(args) else "hydra.run.dir"):
             target = Path(value)
     try:
-        target.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target, prefix=".write-test-"):
-            pass
+        make_writable_dir(target)
     except OSError as err:
         raise RunDirError(f"cannot create a run directory in {target} ({err.strerror}); choose another with "
                           "hydra.run.dir=DIR (or name=...) in a writable place") from None

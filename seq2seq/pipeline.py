@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 from datasets import Dataset
@@ -14,7 +13,7 @@ from datasets import Dataset
 from seq2seq.core.checkpoint import step_checkpoints
 from seq2seq.core.config import EvalConfig, EvaluateConfig, SearchConfig, TrainConfig
 from seq2seq.core.errors import ConfigError, DataError, RunDirError
-from seq2seq.core.files import write_text_atomic
+from seq2seq.core.files import make_writable_dir, write_text_atomic
 from seq2seq.core.runlock import lock_run_dir
 from seq2seq.core.tracking import Tracker
 from seq2seq.data.corpus import check_languages, load_corpus, read_lines
@@ -39,9 +38,7 @@ log = logging.getLogger(__name__)
 def check_writable(run_dir: Path) -> None:
     """Fail before any training if the run directory cannot take files."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
-            pass
+        make_writable_dir(run_dir)
     except OSError as err:
         raise RunDirError(f"run directory {run_dir} is not writable ({err.strerror}); "
                           "choose another with hydra.run.dir=... or free the disk") from None

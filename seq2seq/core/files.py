@@ -18,6 +18,14 @@ def temp_beside(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
+def make_writable_dir(folder: Path) -> None:
+    """Create ``folder`` (and its parents) if need be and prove it takes a new file; raises the
+    ``OSError`` that says why not (callers turn it into their own one-line error)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+        pass
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write to a unique temporary file beside ``path``, then rename it over ``path``."""
     fd, tmp = temp_beside(path)

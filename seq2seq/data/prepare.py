@@ -8,7 +8,6 @@ reuses stale ids; each cached file verifies itself before it is used (``seq2seq/
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from datasets import Dataset, DatasetDict, disable_progress_bars
 
 from seq2seq.core.config import DataConfig, TokenizerConfig
 from seq2seq.core.errors import DataError
+from seq2seq.core.files import make_writable_dir
 from seq2seq.data import cache
 from seq2seq.data.batching import TokenIds
 from seq2seq.data.cleaning import clean_corpus, fingerprint
@@ -73,9 +73,7 @@ def _tokenize(ds: Dataset, tokenizer: Tokenizer, cache_file: Path) -> Dataset:
 def _writable_dir(folder: Path) -> None:
     """``folder`` exists and takes new files, or a one-line error naming it."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
+        make_writable_dir(folder)
     except OSError as err:
         raise DataError(f"the cache folder {folder} is not writable ({err.strerror}); point data.cache_dir "
                         "(or SEQ2SEQ_CACHE) at a writable folder") from None

@@ -27,10 +27,10 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from seq2seq.core.files import make_writable_dir
 from seq2seq.evaluation.compare_runs import (
     SEARCH_RE,
     CompareError,
@@ -209,9 +209,7 @@ def output_dir(paths: list[Path], out: Path | None) -> Path:
 def _check_writable(folder: Path, what: str) -> None:
     """``folder`` exists (made here if need be) and takes files, or one line naming it."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
+        make_writable_dir(folder)
     except OSError as err:
         raise CompareError(f"{what} {folder} cannot hold the comparison files ({err.strerror}); "
                            "pass --out DIR with a writable folder") from None
