@@ -16,7 +16,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -30,6 +30,9 @@ from omegaconf.errors import OmegaConfBaseException
 from seq2seq.core.config import EvaluateConfig, TrainConfig, TranslateConfig, register_configs
 from seq2seq.core.errors import ConfigError, RunDirError, Seq2SeqError
 from seq2seq.core.files import make_writable_dir
+
+if TYPE_CHECKING:  # torch is imported only by the commands that need it, after the config checks
+    from seq2seq.training.distributed import Dist, LaunchEnv
 
 log = logging.getLogger("seq2seq")
 
@@ -212,6 +215,8 @@ def _lock_named_run_dir(args: list[str]) -> None:
 
 # the sweep jobs that failed, "<run dir>: <error>", for the summary line at the sweep's end
 _failed_jobs: list[str] = []
+# rank 0's process group under torchrun, joined before Hydra runs the task (see _train_ranks)
+_rank0_dist: Dist | None = None
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
@@ -219,21 +224,80 @@ def _train_task(dcfg: DictConfig) -> float | None:
     from seq2seq.pipeline import run_training
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    dist = _rank0_dist
     try:
         cfg: TrainConfig = OmegaConf.to_object(dcfg)
-        reports = run_training(cfg, run_dir)
+        if dist is None:
+            dist = _join_submitit_job(cfg)
+        reports = run_training(cfg, run_dir, dist)
         print_reports(reports)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside the training loop (which saves and stops)
+        if dist is not None and not dist.is_primary:
+            sys.exit(130)
         fail(Seq2SeqError(f"interrupted in {run_dir} outside the training loop (data preparation, set-up or the "
                           "final evaluation); what was saved there stays; run the command again, or resume "
                           "with trainer.resume=DIR if it has a checkpoint"), 130)
     except Seq2SeqError as err:
+        if dist is not None and dist.distributed:
+            _rank_fail(err, dist.rank)
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # one bad job must not end the sweep
             log.error("%s: %s", run_dir, err)
             _failed_jobs.append(f"{run_dir}: {err}")
             return None
         fail(err, err.exit_code)
+    finally:
+        if dist is not None:
+            dist.close()
     return reports[0][0].score.bleu if reports else None
+
+
+def _join_submitit_job(cfg: TrainConfig) -> Dist | None:
+    """In a job of Hydra's submitit launcher with several tasks (``tasks_per_node``, ``nodes``),
+    each task runs this function: join them as the ranks of one data-parallel run."""
+    if "SUBMITIT_EXECUTOR" not in os.environ or "WORLD_SIZE" in os.environ:
+        return None
+    import submitit
+
+    from seq2seq.model.devices import resolve_device
+    from seq2seq.training.distributed import (
+        init_process_group,
+        launch_env,
+        rank_device,
+        submitit_to_torch_env,
+    )
+
+    job = submitit.JobEnvironment()
+    os.environ.update(submitit_to_torch_env(os.environ, job.global_rank, job.local_rank, job.num_tasks,
+                                            job.num_nodes, job.hostnames, str(job.job_id)))
+    env = launch_env()
+    if env is None:
+        return None
+    if env.rank:  # Hydra set up each task's logging; rank 0 alone writes the run's log file
+        _quiet_rank_logging(env.rank)
+    return init_process_group(env, rank_device(resolve_device(cfg.trainer.device), env.local_rank))
+
+
+def _quiet_rank_logging(rank: int) -> None:
+    """A rank other than 0 logs warnings and errors to stderr only, each line marked with its rank."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[rank {rank}][%(name)s][%(levelname)s] - %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+def _rank_fail(err: Seq2SeqError, rank: int) -> NoReturn:
+    """End one rank of a data-parallel run: rank 0 says what went wrong; another rank says it
+    only when rank 0 cannot know (its own failure, or a lost peer)."""
+    from seq2seq.training.distributed import ReportedByPrimary
+
+    if rank == 0 or _debug():
+        fail(err, err.exit_code)
+    if not isinstance(err, ReportedByPrimary):
+        print(f"error: [rank {rank}] {err}", file=sys.stderr, flush=True)
+    sys.exit(err.exit_code)
 
 
 def print_reports(reports: list) -> None:
@@ -255,6 +319,15 @@ def train() -> None:
     register_configs()
     signal.signal(signal.SIGTERM, _sigterm_interrupts)
     args = sys.argv[1:]
+    from seq2seq.training.distributed import launch_env
+
+    try:
+        env = launch_env()
+    except Seq2SeqError as err:
+        fail(err, err.exit_code)
+    if env is not None:
+        _train_ranks(args, env)
+        return
     try:
         args = _resume_args(args)
         _refuse_used_run_dir(args)
@@ -271,6 +344,89 @@ def train() -> None:
     _train_task()
     if _failed_jobs:  # a sweep ran to its end with failed jobs: say which, exit non-zero
         fail(Seq2SeqError(f"{len(_failed_jobs)} sweep job(s) failed: " + "; ".join(_failed_jobs)), 1)
+
+
+def _resolved_run_dir(args: list[str], cfg_overrides: list[str]) -> Path:
+    """The run directory Hydra will use, with ``${now:...}`` resolved once (by rank 0), so every
+    rank of a torchrun job writes to (and rank 0 alone creates) the same directory."""
+    for a in reversed(args):
+        key, _, value = a.lstrip("+").partition("=")
+        if key == "hydra.run.dir":
+            return Path(value)
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        composed = compose("train", overrides=cfg_overrides, return_hydra_config=True)
+    try:
+        return Path(str(OmegaConf.select(composed, "hydra.run.dir", throw_on_resolution_failure=True)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot resolve hydra.run.dir outside Hydra ({str(err).splitlines()[0]}); under torchrun "
+                          "give the run directory as hydra.run.dir=DIR") from None
+
+
+def _train_ranks(args: list[str], env: LaunchEnv) -> None:
+    """seq2seq-train as one rank of a torchrun job. Every rank checks the config (the same for
+    all; only rank 0 says what is wrong) before joining the others; rank 0 alone checks, locks and
+    creates the run directory and runs through Hydra (its ``.hydra``, ``train.log``); the other
+    ranks train with the same config and write nothing there."""
+    global _rank0_dist
+    from seq2seq.model.devices import resolve_device
+    from seq2seq.pipeline import check_train_config, run_training
+    from seq2seq.training.distributed import init_process_group, rank_device
+
+    primary = env.rank == 0
+    if not primary:
+        _quiet_rank_logging(env.rank)
+    try:
+        if _multirun(args):
+            raise ConfigError("a sweep (-m) cannot run under torchrun, which starts the ranks of one run; run the "
+                              "sweep with hydra/launcher=slurm_ddp (each job a data-parallel run) or its "
+                              "jobs one by one")
+        args = _resume_args(args)
+        overrides = [a for a in args if not a.startswith("-")]
+        dcfg = compose_checked("train", overrides, check_train_config)
+        cfg: TrainConfig = OmegaConf.to_object(dcfg)
+        device = rank_device(resolve_device(cfg.trainer.device), env.local_rank)
+    except Seq2SeqError as err:  # the same on every rank: said once
+        if primary:
+            fail(err, err.exit_code)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        if primary:
+            fail(Seq2SeqError("interrupted before anything was written"), 130)
+        sys.exit(130)
+    dist = None
+    try:
+        dist = init_process_group(env, device)
+
+        def claim() -> str:
+            _refuse_used_run_dir(args)
+            _make_run_dir_parent(args, str(cfg.name))
+            run_dir = _resolved_run_dir(args, [o for o in overrides if not o.lstrip("+~").startswith("hydra")])
+            make_writable_dir(run_dir)
+            from seq2seq.core.runlock import lock_run_dir
+
+            lock_run_dir(run_dir)
+            return str(run_dir)
+
+        run_dir = dist.on_primary("choosing the run directory", claim)
+        if primary:
+            _rank0_dist = dist
+            sys.argv = [sys.argv[0], *args, f"hydra.run.dir={run_dir}"]
+            _train_task()  # closes the process group
+            return
+        run_training(cfg, Path(run_dir), dist)
+    except Seq2SeqError as err:
+        _rank_fail(err, env.rank)
+    except OSError as err:
+        _rank_fail(RunDirError(f"cannot create the run directory ({err.strerror}: {err.filename}); choose another "
+                               "with hydra.run.dir=DIR"), env.rank)
+    except KeyboardInterrupt:
+        if primary:
+            fail(Seq2SeqError("interrupted outside the training loop; what was saved stays; run the command "
+                              "again, or resume with trainer.resume=DIR if it has a checkpoint"), 130)
+        sys.exit(130)
+    finally:
+        if dist is not None:
+            dist.close()
 
 
 # ----------------------------------------------------------------------------- evaluate / translate

@@ -30,6 +30,7 @@ from seq2seq.evaluation.evaluate import (
 from seq2seq.evaluation.report import EvalReport
 from seq2seq.model.network import check_model_config
 from seq2seq.search.common import check_search_config
+from seq2seq.training.distributed import Dist
 from seq2seq.training.trainer import Trainer, check_trainer_config
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,8 @@ def warn_unused_keys(cfg: TrainConfig) -> None:
         log.warning("%s does not apply to %s attention and is ignored", key, family)
 
 
-def run_training(cfg: TrainConfig, run_dir: Path) -> list[tuple[EvalReport, Path]]:
-    """Train (or resume) in ``run_dir``, then evaluate the best checkpoint on the test splits."""
+def _claim_run_dir(cfg: TrainConfig, run_dir: Path) -> bool:
+    """Rank 0's checks of the run directory before any data work; whether it holds a checkpoint."""
     check_writable(run_dir)
     lock_run_dir(run_dir)  # for the life of this process (see seq2seq/core/runlock.py)
     check_train_config(cfg)  # every config check before the (possibly long) data preparation
@@ -95,26 +96,37 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> list[tuple[EvalReport, Path
     if cfg.trainer.resume is None and has_checkpoint:
         raise RunDirError(f"{run_dir} already holds a training run; resume it with trainer.resume={run_dir} "
                           "or start a new run directory")
-    data = prepare_data(cfg.data, cfg.tokenizer)
-    trainer = Trainer(cfg, data, run_dir)
-    check_free_space(run_dir, 2 * trainer.checkpoint_bytes())
+    if cfg.trainer.resume is not None and not has_checkpoint:
+        raise RunDirError(f"cannot resume: {ckpt_dir} holds no checkpoint (the run was stopped before "
+                          "its first one); start it again without trainer.resume")
+    return has_checkpoint
+
+
+def run_training(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None) -> list[tuple[EvalReport, Path]]:
+    """Train (or resume) in ``run_dir``, then evaluate the best checkpoint on the test splits.
+    With several ranks (``dist``) every rank trains; rank 0 alone writes ``run_dir`` and evaluates."""
+    dist = dist or Dist.single()
+    dist.on_primary("checking the run directory", lambda: _claim_run_dir(cfg, run_dir))
+    # rank 0 fills the cache first; the others then read it (or, on a node of their own, build their own)
+    data = dist.primary_first("preparing the data", lambda: prepare_data(cfg.data, cfg.tokenizer))
+    trainer = Trainer(cfg, data, run_dir, dist)
+    dist.on_primary("checking free space", lambda: check_free_space(run_dir, 2 * trainer.checkpoint_bytes()))
     if cfg.trainer.resume is not None:
-        if not has_checkpoint:
-            raise RunDirError(f"cannot resume: {ckpt_dir} holds no checkpoint (the run was stopped before "
-                              "its first one); start it again without trainer.resume")
         trainer.restore()
         p = trainer.progress
+        say = log.warning if dist.is_primary else log.debug  # once per job, not once per rank
         if trainer.budget_spent():
-            log.warning("run %s already finished at step %d (epoch %d); raise trainer.max_steps or "
-                        "trainer.max_epochs to train further", run_dir, p.step, p.epoch)
+            say("run %s already finished at step %d (epoch %d); raise trainer.max_steps or "
+                "trainer.max_epochs to train further", run_dir, p.step, p.epoch)
             return []
         if p.finished and trainer.early_stopped():
-            log.warning("run %s already stopped early at step %d (no better valid BLEU in %d validations); "
-                        "raise trainer.patience to train further", run_dir, p.step, p.bad_validations)
+            say("run %s already stopped early at step %d (no better valid BLEU in %d validations); "
+                "raise trainer.patience to train further", run_dir, p.step, p.bad_validations)
             return []
         p.finished = False
     progress = trainer.fit()
-    if not progress.finished:  # stopped by a signal: `last` is saved, evaluation would be premature
+    peak_rss_mb = dist.all_gather_objects(peak_rss_megabytes(), "the summary")
+    if not progress.finished or not dist.is_primary:  # stopped by a signal: evaluation would be premature
         return []
     reports = []
     if cfg.trainer.evaluate_at_end:
@@ -131,6 +143,8 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> list[tuple[EvalReport, Path
         "best_valid_bleu": progress.best_bleu,
         "train_seconds": progress.train_seconds,
         "train_tokens_per_s": progress.train_tokens / max(progress.train_seconds, 1e-9),
+        "ranks": dist.world_size,
+        "peak_rss_mb": peak_rss_mb,  # per rank, after training (evaluation excluded)
         "skipped_steps": progress.skipped_steps,
         "oom_skipped_steps": progress.oom_steps,
         "finished": progress.finished,
@@ -139,6 +153,15 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> list[tuple[EvalReport, Path
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     log_hparams(run_dir, cfg, summary, [r for r, _ in reports])
     return reports
+
+
+def peak_rss_megabytes() -> float:
+    """This process's peak resident memory so far."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def log_hparams(run_dir: Path, cfg: TrainConfig, summary: dict, reports: list[EvalReport]) -> None:

@@ -42,6 +42,19 @@ class Tracker:
         self.writer.close()
 
 
+class NullTracker:
+    """What a rank other than 0 logs to TensorBoard: nothing (rank 0 alone writes the run)."""
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        pass
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def add_file_log(run_dir: Path, name: str = "train.log") -> logging.Handler:
     """Also log to ``<run dir>/<name>`` (appending, so a resumed run keeps its history)."""
     handler = logging.FileHandler(run_dir / name, mode="a", encoding="utf-8")

@@ -151,9 +151,15 @@ class TokenBatchSampler:
         width = np.maximum(self.src_lengths, self.tgt_lengths)
         return int((width > self.max_tokens).sum()), int(width.max(initial=0))
 
-    def iterate(self, epoch: int, start: int = 0) -> Iterator[list[int]]:
-        """The batches of ``epoch`` from position ``start`` on (for exact resume)."""
-        yield from self.batches(epoch)[start:]
+    def iterate(self, epoch: int, start: int = 0, world_size: int = 1, rank: int = 0) -> Iterator[list[int]]:
+        """The batches of ``epoch`` from position ``start`` on (for exact resume). With several
+        ranks the epoch's batches are dealt out in turn, the same number to each: update ``i``
+        takes batches ``i * world_size ... i * world_size + world_size - 1``, one per rank, and
+        ``start`` counts updates. The ``len % world_size`` batches left at the end of the
+        shuffled order wait for another epoch (a different few each epoch)."""
+        batches = self.batches(epoch)
+        per_rank = len(batches) // world_size
+        yield from batches[rank : per_rank * world_size : world_size][start:]
 
     def padding_fraction(self, epoch: int = 0) -> float:
         """Share of source+target positions that are padding in this epoch's batches."""

@@ -6,6 +6,7 @@ Knows nothing about Hydra: it takes a typed ``TrainConfig``, prepared data and a
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import math
 import signal
@@ -27,7 +28,7 @@ from seq2seq.core.checkpoint import (
 from seq2seq.core.config import TeacherForcingSchedule, TrainConfig, as_plain_dict
 from seq2seq.core.errors import ConfigError, RunDirError, TrainingError
 from seq2seq.core.rng import rng_state, seed_everything, set_rng_state
-from seq2seq.core.tracking import Tracker
+from seq2seq.core.tracking import NullTracker, Tracker
 from seq2seq.data.batching import Batch, TokenBatchSampler, collate
 from seq2seq.data.prepare import PreparedData, token_ids
 from seq2seq.data.tokenizer import PAD_ID
@@ -37,6 +38,13 @@ from seq2seq.model.engine import build_engine, describe_engine
 from seq2seq.model.network import Seq2Seq, build_model, count_parameters, state_mismatch
 from seq2seq.search.common import check_search_config
 from seq2seq.search.translate import translate_ids
+from seq2seq.training.distributed import (
+    Dist,
+    PeerLost,
+    ReportedByPrimary,
+    rank_device,
+    threads_per_rank,
+)
 from seq2seq.training.optim import (
     build_optimizer,
     build_scheduler,
@@ -122,13 +130,22 @@ class Progress:
     oom_steps: int = 0
     consecutive_oom: int = 0
     train_seconds: float = 0.0
-    train_tokens: int = 0
+    train_tokens: int = 0  # target tokens over all ranks
     finished: bool = False
+    world_size: int = 1  # ranks that trained: batch_in_epoch counts updates of that many batches
     # The log window in progress: saved so a resumed run logs the same mean losses.
     window_loss: float = 0.0
     window_norm: float = 0.0
     window_tokens: int = 0
     window_steps: int = 0
+
+
+def _to_bytes(value: Any) -> bytes:
+    """``value`` as ``torch.save`` writes it: tensors inside pickled objects do not cross
+    ``all_gather_object`` intact, bytes do."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
 
 
 SKIPPED_NONFINITE = "non-finite"
@@ -137,46 +154,67 @@ SKIPPED_OOM = "out of memory"
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one update did: its loss and gradient norm, or why it was skipped."""
+    """What one update did: its loss and gradient norm, or why it was skipped. With several
+    ranks every field is the same on all of them (decided in the update's collective)."""
 
     loss: float = math.nan
     grad_norm: float = math.nan
     skipped: str | None = None  # SKIPPED_NONFINITE or SKIPPED_OOM
+    tokens: int = 0  # target tokens of the update, over all ranks
+    stop: bool = False  # a signal reached a rank: save and stop after this update
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, data: PreparedData, run_dir: Path) -> None:
+    def __init__(self, cfg: TrainConfig, data: PreparedData, run_dir: Path, dist: Dist | None = None) -> None:
         check_trainer_config(cfg)
         self.cfg = cfg
         self.data = data
         self.run_dir = run_dir
         self.ckpt_dir = run_dir / "checkpoints"
-        self.device = resolve_device(cfg.trainer.device)
+        self.dist = dist or Dist.single()
+        self.stop_signal: int | None = None
+        self.device = rank_device(resolve_device(cfg.trainer.device), self.dist.local_rank)
         if self.device.type == "cpu":
-            torch.set_num_threads(cfg.trainer.num_threads or torch.get_num_threads())
+            torch.set_num_threads(threads_per_rank(cfg.trainer.num_threads, self.dist.local_world_size)
+                                  if self.dist.distributed else cfg.trainer.num_threads or torch.get_num_threads())
         self.amp_dtype = autocast_dtype(cfg.trainer.precision, self.device)
         seed_everything(cfg.seed)
         tok = data.tokenizer
         self.model: Seq2Seq = build_model(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, PAD_ID).to(self.device)
         self.engine = build_engine(self.model, cfg.trainer.kernels, self.device)
         self.params = list(self.model.parameters())
+        self.dist.broadcast_parameters(self.params)  # the same seed gave the same weights; now it is certain
+        if self.dist.rank:  # every rank its own dropout and sampling stream; rank 0 keeps a single run's
+            seed_everything(cfg.seed + 7919 * self.dist.rank)
+        self._flat: torch.Tensor | None = None  # the gradient all-reduce buffer (several ranks only)
         self.optimizer = build_optimizer(cfg, self.model, fast=self.engine.name == "fast")
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.train_src = token_ids(data.train, "src_ids")
         self.train_tgt = token_ids(data.train, "tgt_ids")
         self.sampler = TokenBatchSampler(self.train_src.lengths(), self.train_tgt.lengths(),
                                          cfg.trainer.max_tokens, cfg.trainer.max_sentences, cfg.seed)
-        self.batches_per_epoch = len(self.sampler)
+        world = self.dist.world_size
+        self.batches_per_epoch = len(self.sampler) // world  # updates per epoch: one batch per rank each
+        if self.batches_per_epoch == 0:
+            raise ConfigError(f"the training set makes {len(self.sampler)} batch(es) of trainer.max_tokens="
+                              f"{cfg.trainer.max_tokens}, fewer than the {world} ranks; lower trainer.max_tokens "
+                              "or start fewer ranks")
         over, longest = self.sampler.over_cap()
-        if over:
+        if over and self.dist.is_primary:
             log.warning("trainer.max_tokens=%d is below %d training sentence(s) (the longest takes %d tokens with "
                         "padding): each gets a batch of its own, over the cap; raise trainer.max_tokens or lower "
                         "data.max_len", cfg.trainer.max_tokens, over, longest)
-        self.progress = Progress()
+        self.progress = Progress(world_size=world)
         self.num_parameters = count_parameters(self.model)
         log.info("model %s: %s parameters; %d training pairs in %d batches per epoch (%.1f%% padding)",
                  self.model.description, f"{self.num_parameters:,}", len(self.train_src),
                  self.batches_per_epoch, 100 * self.sampler.padding_fraction(0))
+        if self.dist.distributed:
+            left = len(self.sampler) % world
+            log.info("data parallel over %d ranks: trainer.max_tokens=%d per rank, so up to %d tokens (padding "
+                     "included) per update; each rank takes %d of the %d batches per epoch%s", world,
+                     cfg.trainer.max_tokens, world * cfg.trainer.max_tokens, self.batches_per_epoch,
+                     len(self.sampler), f" ({left} left over, different ones each epoch)" if left else "")
         log.info("device %s, %s", self.device, "bf16 autocast" if self.amp_dtype else "float32")
         log.info("%s", describe_engine(self.engine))
 
@@ -203,31 +241,48 @@ class Trainer:
         return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
 
     def save(self, best: bool = False) -> None:
-        """Write ``step-<N>.pt`` and point ``last.pt`` (and ``best.pt`` when ``best``) at it."""
-        if not self._model_is_finite():
-            log.error("model weights are not finite at step %d; no checkpoint written", self.progress.step)
+        """Write ``step-<N>.pt`` and point ``last.pt`` (and ``best.pt`` when ``best``) at it.
+        Every rank calls it (each rank's RNG state goes in); rank 0 alone writes."""
+        if not self._model_is_finite():  # the same weights on every rank, so the same answer
+            if self.dist.is_primary:
+                log.error("model weights are not finite at step %d; no checkpoint written", self.progress.step)
             return
-        try:
-            save_step_checkpoint(self.state_payload(), self.ckpt_dir, self.progress.step,
-                                 self.cfg.trainer.keep_checkpoints, ("last", "best") if best else ("last",))
-        except OSError as err:  # the write went to a temp file: earlier checkpoints are intact
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                remedy = "free space there"
-            elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                remedy = "make it writable"
-            else:
-                remedy = "fix that"
-            raise TrainingError(f"cannot write a checkpoint to {self.ckpt_dir} at step {self.progress.step} "
-                                f"({err.strerror or err}); {remedy}, then resume with "
-                                f"trainer.resume={self.run_dir}") from None
+        rngs = (self.dist.all_gather_objects(_to_bytes(rng_state()), "saving a checkpoint")
+                if self.dist.distributed else [])
+        failure = None
+        if self.dist.is_primary:
+            payload = self.state_payload()
+            if self.dist.distributed:
+                # payload["rng"] stays rank 0's, for a single-process resume
+                payload["rng_ranks"] = [torch.load(io.BytesIO(b), weights_only=True) for b in rngs]
+            try:
+                save_step_checkpoint(payload, self.ckpt_dir, self.progress.step,
+                                     self.cfg.trainer.keep_checkpoints, ("last", "best") if best else ("last",))
+            except OSError as err:  # the write went to a temp file: earlier checkpoints are intact
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    remedy = "free space there"
+                elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    remedy = "make it writable"
+                else:
+                    remedy = "fix that"
+                failure = (f"cannot write a checkpoint to {self.ckpt_dir} at step {self.progress.step} "
+                           f"({err.strerror or err}); {remedy}, then resume with trainer.resume={self.run_dir}")
+        failure = self.dist.broadcast_object(failure, "saving a checkpoint")
+        if failure is not None:
+            if not self.dist.is_primary:
+                raise ReportedByPrimary(TrainingError.exit_code)
+            raise TrainingError(failure)
 
     def checkpoint_bytes(self) -> int:
         """About how large one checkpoint is: weights and Adam's two moments in float32."""
         return 3 * 4 * self.num_parameters + 2**20
 
     def restore(self) -> Path:
-        """Continue from ``last.pt``, or from the newest readable step checkpoint when it is damaged."""
-        remove_partial_writes(self.ckpt_dir)
+        """Continue from ``last.pt``, or from the newest readable step checkpoint when it is damaged.
+        Every rank reads it (the run directory must be on a file system all nodes see)."""
+        if self.dist.is_primary:
+            remove_partial_writes(self.ckpt_dir)
+        self.dist.barrier("resuming")
         path, payload = load_latest(self.ckpt_dir, map_location=self.device)
         try:
             self.model.load_state_dict(payload["model"])
@@ -240,11 +295,32 @@ class Trainer:
         except (KeyError, ValueError) as err:
             raise RunDirError(f"{path}: its optimizer or schedule state does not fit this config ({err}); "
                               "resume with the run's own config, or start a new run") from None
-        self.progress = Progress(**payload["progress"])
-        set_rng_state(payload["rng"])
+        self.progress = Progress(**{"world_size": 1, **payload["progress"]})
+        self._restore_rng_and_position(payload)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.progress.step,
                  self.progress.epoch, self.progress.batch_in_epoch)
         return path
+
+    def _restore_rng_and_position(self, payload: dict[str, Any]) -> None:
+        """Each rank's RNG state, and the place in the epoch, for the number of ranks now running.
+        The same number of ranks continues exactly; another number goes on from the same batch
+        of the epoch (as near as its groups of batches allow) with fresh per-rank RNG streams."""
+        p, world, rank = self.progress, self.dist.world_size, self.dist.rank
+        saved = payload.get("rng_ranks") or [payload["rng"]]
+        if len(saved) == world:
+            set_rng_state(saved[rank])
+        else:
+            set_rng_state(payload["rng"])
+            if rank:
+                seed_everything(self.cfg.seed + 7919 * rank + p.step)
+        if p.world_size != world:
+            consumed = p.batch_in_epoch * p.world_size
+            if self.dist.is_primary:
+                log.warning("the checkpoint was written by %d rank(s), this run has %d: the epoch in progress "
+                            "goes on from its batch %d of %d; an exact continuation needs the same number of "
+                            "ranks", p.world_size, world, consumed, len(self.sampler))
+            p.batch_in_epoch = consumed // world
+            p.world_size = world
 
     # ------------------------------------------------------------------ steps
 
@@ -271,53 +347,106 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            return StepResult(skipped=SKIPPED_OOM)
+        tokens, stop = batch.num_tgt_tokens, self.stop_signal is not None
+        loss_value = math.nan if out_of_memory else float(loss.detach())
+        if self.dist.distributed:
+            loss_value, tokens, out_of_memory, stop = self._average_gradients(loss_value, tokens, out_of_memory, stop)
+        if out_of_memory:
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(skipped=SKIPPED_OOM, tokens=tokens, stop=stop)
         max_norm = self.cfg.optim.clip_norm
         grad_norm = gradient_norm_of(self.optimizer, self.params, max_norm)
-        loss_value, norm_value = float(loss.detach()), float(grad_norm)
+        norm_value = float(grad_norm)
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.optimizer.zero_grad(set_to_none=True)
-            return StepResult(loss_value, norm_value, skipped=SKIPPED_NONFINITE)
+            return StepResult(loss_value, norm_value, skipped=SKIPPED_NONFINITE, tokens=tokens, stop=stop)
         update(self.optimizer, grad_norm, max_norm)
         self.scheduler.after_update()
-        return StepResult(loss_value, norm_value)
+        return StepResult(loss_value, norm_value, tokens=tokens, stop=stop)
+
+    def _average_gradients(self, loss: float, tokens: int, out_of_memory: bool,
+                           stop: bool) -> tuple[float, int, bool, bool]:
+        """One all-reduce over the ranks: each rank's gradient weighted by its target tokens, so
+        the result is the gradient of the mean loss over every rank's tokens (what one process
+        given all the batches would compute), plus what every rank must decide alike: the loss,
+        the token count, whether any rank ran out of memory, whether a signal reached any rank.
+        A non-finite gradient anywhere makes the sum non-finite on every rank, so all skip."""
+        sizes = [p.numel() for p in self.params]
+        total = sum(sizes)
+        if self._flat is None:
+            self._flat = torch.empty(total + 4, dtype=torch.float32, device=self.device)
+        flat, offset = self._flat, 0
+        for p, n in zip(self.params, sizes):
+            view = flat[offset:offset + n]
+            if p.grad is None or out_of_memory:  # a rank that ran out of memory adds nothing
+                view.zero_()
+            else:
+                view.copy_(p.grad.reshape(-1)).mul_(tokens)
+            offset += n
+        weighted_loss = 0.0 if out_of_memory else loss * tokens
+        flat[total:] = torch.tensor([tokens, weighted_loss, float(out_of_memory), float(stop)], dtype=torch.float32)
+        self.dist.all_reduce_sum(flat, f"update {self.progress.step + 1}")
+        head = flat[total:].tolist()
+        all_tokens, any_oom, any_stop = int(round(head[0])), head[2] > 0, head[3] > 0
+        if not any_oom:
+            flat[:total].div_(all_tokens)
+            offset = 0
+            for p, n in zip(self.params, sizes):
+                if p.grad is None:
+                    p.grad = torch.empty_like(p)
+                p.grad.copy_(flat[offset:offset + n].view_as(p))
+                offset += n
+        return head[1] / all_tokens, all_tokens, any_oom, any_stop
 
     # ------------------------------------------------------------------ validation
 
     @torch.no_grad()
-    def validate(self, tracker: Tracker) -> dict[str, float]:
+    def validate(self, tracker: Tracker | NullTracker) -> dict[str, float]:
+        """Valid loss, perplexity, greedy BLEU and chrF. With several ranks each takes a share of
+        the batches and sentences; rank 0 scores them and every rank gets its metrics."""
         self.model.eval()
+        rank, world = self.dist.rank, self.dist.world_size
         valid = self.data.valid.select_columns(["src", "ref", "src_ids", "tgt_ids"])[:]
         src_ids, tgt_ids = valid["src_ids"], valid["tgt_ids"]
         total_loss, total_tokens = 0.0, 0
         sampler = TokenBatchSampler([len(s) for s in src_ids], [len(t) for t in tgt_ids],
                                     self.cfg.trainer.max_tokens, self.cfg.trainer.max_sentences, 0, shuffle=False)
-        for indices in sampler.batches(0):
+        for indices in sampler.batches(0)[rank::world]:
             batch = collate([src_ids[i] for i in indices], [tgt_ids[i] for i in indices], indices).to(self.device)
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 mean = self.engine.loss(self.engine.forward(batch), batch, 0.0)
             total_loss += float(mean) * batch.num_tgt_tokens
             total_tokens += batch.num_tgt_tokens
+        if self.dist.distributed:
+            sums = self.dist.all_reduce_sum(torch.tensor([total_loss, total_tokens], dtype=torch.float64),
+                                            "validation")
+            total_loss, total_tokens = float(sums[0]), int(sums[1])
         loss = total_loss / max(1, total_tokens)
         n = len(src_ids) if self.cfg.trainer.valid_max_sentences is None else min(
             len(src_ids), self.cfg.trainer.valid_max_sentences)
         greedy = type(self.cfg.search)(batch_size=self.cfg.search.batch_size,
                                        max_len_ratio=self.cfg.search.max_len_ratio,
                                        max_len_offset=self.cfg.search.max_len_offset)
-        hyps = translate_ids(self.engine, src_ids[:n], greedy, self.device, self.amp_dtype)
-        hyp_text = self.data.tokenizer.decode_tgt([h.tokens for h in hyps])
-        refs = valid["ref"][:n]
-        score = corpus_score(hyp_text, refs)
-        metrics = {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0)), "valid/bleu": score.bleu,
-                   "valid/chrf": score.chrf}
-        tracker.scalars(metrics, self.progress.step)
-        samples = min(self.cfg.trainer.sample_translations, n)
-        if samples:
-            rows = [f"**source:** {valid['src'][i]}  \n**reference:** {refs[i]}  \n**hypothesis:** {hyp_text[i]}"
-                    for i in range(samples)]
-            tracker.text("valid/samples", "\n\n---\n\n".join(rows), self.progress.step)
-        return metrics
+        hyps = translate_ids(self.engine, src_ids[rank:n:world], greedy, self.device, self.amp_dtype)
+        shares = self.dist.all_gather_objects([h.tokens for h in hyps], "validation")
+        metrics = None
+        if self.dist.is_primary:
+            tokens: list[list[int]] = [[] for _ in range(n)]
+            for r, share in enumerate(shares):
+                tokens[r:n:world] = share
+            hyp_text = self.data.tokenizer.decode_tgt(tokens)
+            refs = valid["ref"][:n]
+            score = corpus_score(hyp_text, refs)
+            metrics = {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0)), "valid/bleu": score.bleu,
+                       "valid/chrf": score.chrf}
+            tracker.scalars(metrics, self.progress.step)
+            samples = min(self.cfg.trainer.sample_translations, n)
+            if samples:
+                rows = [f"**source:** {valid['src'][i]}  \n**reference:** {refs[i]}  \n**hypothesis:** {hyp_text[i]}"
+                        for i in range(samples)]
+                tracker.text("valid/samples", "\n\n---\n\n".join(rows), self.progress.step)
+        return self.dist.broadcast_object(metrics, "validation")
 
     # ------------------------------------------------------------------ loop
 
@@ -362,11 +491,14 @@ class Trainer:
                 pass
         try:
             return self._fit()
+        except PeerLost as err:
+            raise PeerLost(f"{err}; the job stops at step {self.progress.step}; resume from the last checkpoint "
+                           f"with trainer.resume={self.run_dir}") from None
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
 
-    def _skipped(self, result: StepResult, batch: Batch, tracker: Tracker) -> None:
+    def _skipped(self, result: StepResult, batch: Batch, tracker: Tracker | NullTracker) -> None:
         """Count a skipped update, log it, and stop the run when too many come in a row."""
         p, t = self.progress, self.cfg.trainer
         if result.skipped == SKIPPED_OOM:
@@ -374,10 +506,17 @@ class Trainer:
             p.consecutive_oom += 1
             p.consecutive_skipped = 0
             tracker.scalars({"train/oom_skipped": p.oom_steps}, p.step)
-            log.warning("step %d: out of memory on a batch of %d sentences (source %dx%d, target %dx%d, %d target "
-                        "tokens); update skipped (%d so far); lower trainer.max_tokens if this repeats", p.step,
-                        batch.src.shape[0], *batch.src.shape, *batch.tgt_in.shape, batch.num_tgt_tokens, p.oom_steps)
+            if self.dist.distributed:  # every rank skips; the rank that ran out says so in its own log line
+                log.warning("step %d: a rank ran out of memory; update skipped on every rank (%d so far); lower "
+                            "trainer.max_tokens if this repeats", p.step, p.oom_steps)
+            else:
+                log.warning("step %d: out of memory on a batch of %d sentences (source %dx%d, target %dx%d, %d "
+                            "target tokens); update skipped (%d so far); lower trainer.max_tokens if this repeats",
+                            p.step, batch.src.shape[0], *batch.src.shape, *batch.tgt_in.shape, batch.num_tgt_tokens,
+                            p.oom_steps)
             if p.consecutive_oom >= t.max_oom_steps:
+                if not self.dist.is_primary:
+                    raise ReportedByPrimary(TrainingError.exit_code)
                 raise TrainingError(f"{p.consecutive_oom} consecutive batches ran out of memory; stopped at step "
                                     f"{p.step}; lower trainer.max_tokens (now {t.max_tokens}); the last good "
                                     f"checkpoint is in {self.ckpt_dir}")
@@ -386,14 +525,17 @@ class Trainer:
         p.consecutive_skipped += 1
         p.consecutive_oom = 0
         tracker.scalars({"train/skipped_steps": p.skipped_steps}, p.step)
-        log.warning("step %d: non-finite loss or gradient; update skipped", p.step)
+        if self.dist.is_primary:
+            log.warning("step %d: non-finite loss or gradient; update skipped", p.step)
         if p.consecutive_skipped >= t.max_nonfinite_steps:
+            if not self.dist.is_primary:
+                raise ReportedByPrimary(TrainingError.exit_code)
             raise TrainingError(
                 f"{p.consecutive_skipped} consecutive updates had a non-finite loss or gradient; "
                 f"stopped at step {p.step} (lower optim.lr or check the data); the last good "
                 f"checkpoint is in {self.ckpt_dir}")
 
-    def _log_window(self, tracker: Tracker, bar: tqdm, elapsed: float) -> None:
+    def _log_window(self, tracker: Tracker | NullTracker, bar: tqdm, elapsed: float) -> None:
         """Log the mean loss of the updates since the last log line, then start a new window."""
         p, cfg = self.progress, self.cfg
         loss = p.window_loss / p.window_tokens
@@ -412,24 +554,27 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         # On resume, TensorBoard drops what a killed process logged after the checkpoint, so the
         # curves show each step once.
-        tracker = Tracker(self.run_dir, purge_step=p.step + 1 if p.step else None)
+        primary = self.dist.is_primary
+        tracker = (Tracker(self.run_dir, purge_step=p.step + 1 if p.step else None) if primary
+                   else NullTracker())
         total = cfg.trainer.max_steps or (cfg.trainer.max_epochs or 1) * self.batches_per_epoch
         # disable=None: no bar when stderr is not a terminal (nohup, CI), where it would flood the log
-        bar = tqdm(total=total, initial=p.step, disable=None if cfg.trainer.progress else True, unit="step",
-                   dynamic_ncols=True)
+        bar = tqdm(total=total, initial=p.step, disable=None if cfg.trainer.progress and primary else True,
+                   unit="step", dynamic_ncols=True)
         save_every = cfg.trainer.save_every
         window_start = time.perf_counter()
         stop = False
         try:
             with logging_redirect_tqdm():
                 while not self.budget_spent() and not stop:
-                    for indices in self.sampler.iterate(p.epoch, p.batch_in_epoch):
+                    for indices in self.sampler.iterate(p.epoch, p.batch_in_epoch, self.dist.world_size,
+                                                        self.dist.rank):
                         batch = self._batch(indices)
                         step_start = time.perf_counter()
                         result = self.train_step(batch)
                         p.batch_in_epoch += 1
                         p.step += 1
-                        tokens = batch.num_tgt_tokens
+                        tokens = result.tokens
                         p.train_seconds += time.perf_counter() - step_start
                         p.train_tokens += tokens
                         bar.update(1)
@@ -449,10 +594,12 @@ class Trainer:
                             window_start = time.perf_counter()
                         elif save_every is not None and p.step % save_every == 0:
                             self.save()
-                        if self.stop_signal is not None:
+                        if result.stop or (not self.dist.distributed and self.stop_signal is not None):
                             self.save()
-                            log.warning("stopped by signal %d at step %d; continue with: seq2seq-train "
-                                        "trainer.resume=%s", self.stop_signal, p.step, self.run_dir)
+                            if primary:
+                                log.warning("stopped by signal %s at step %d; continue with: seq2seq-train "
+                                            "trainer.resume=%s", self.stop_signal or "(to another rank)", p.step,
+                                            self.run_dir)
                             return p
                         if stop or self.budget_spent():
                             break

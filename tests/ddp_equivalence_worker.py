@@ -1,0 +1,47 @@
+"""One rank of the data-parallel equivalence check (tests/test_distributed.py), started by torchrun.
+
+Each rank takes its half of each of the first K training batches of the smoke corpus and makes
+K updates through ``Trainer.train_step``, for each engine in turn; it writes its final weights to
+``<out>/<engine>-rank<R>.pt``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from conftest import smoke_config
+
+from seq2seq.data.prepare import prepare_data
+from seq2seq.training.distributed import init_process_group, launch_env
+from seq2seq.training.trainer import Trainer
+
+EQUIVALENCE_OVERRIDES = ("trainer.precision=fp32", "model.dropout=0.0", "trainer.label_smoothing=0.1")
+
+
+def halves(indices: list[int], world: int, rank: int) -> list[int]:
+    """Rank ``rank``'s share of one batch: a contiguous slice, sizes differing by at most one."""
+    size = -(-len(indices) // world)
+    return indices[rank * size:(rank + 1) * size]
+
+
+def main(cache: Path, out: Path, updates: int) -> None:
+    env = launch_env()
+    assert env is not None and env.world_size == 2
+    dist = init_process_group(env, torch.device("cpu"))
+    for kernels in ("fast", "reference"):
+        cfg = smoke_config(cache, *EQUIVALENCE_OVERRIDES, f"trainer.kernels={kernels}", "trainer.num_threads=1")
+        data = prepare_data(cfg.data, cfg.tokenizer)
+        trainer = Trainer(cfg, data, out / f"run-{kernels}", dist)
+        for indices in trainer.sampler.batches(0)[:updates]:
+            result = trainer.train_step(trainer._batch(halves(indices, env.world_size, env.rank)))
+            assert not result.skipped
+            trainer.progress.step += 1
+        torch.save({k: v.clone() for k, v in trainer.model.state_dict().items()},
+                   out / f"{kernels}-rank{env.rank}.pt")
+    dist.close()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))
