@@ -48,7 +48,28 @@ def fail(err: BaseException, code: int = 2) -> NoReturn:
     if _debug():
         raise err
     print(f"error: {err}", file=sys.stderr, flush=True)
+    _tell_torchrun(f"error: {err}")
+    # Leaving now: a SIGTERM (torchrun stopping the other ranks) must not turn the exit into a
+    # KeyboardInterrupt traceback from an atexit handler.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(code)
+
+
+def _tell_torchrun(line: str) -> None:
+    """Under torchrun, leave the error line where its failure report looks for it (the report
+    then shows it instead of "To enable traceback see ...")."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+    import time
+
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                   "timestamp": str(int(time.time()))}}}, f)
+    except OSError:
+        pass  # the report is torchrun's; our line is already on stderr
 
 
 # ----------------------------------------------------------------------------- composing
@@ -297,6 +318,8 @@ def _rank_fail(err: Seq2SeqError, rank: int) -> NoReturn:
         fail(err, err.exit_code)
     if not isinstance(err, ReportedByPrimary):
         print(f"error: [rank {rank}] {err}", file=sys.stderr, flush=True)
+        _tell_torchrun(f"error: [rank {rank}] {err}")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(err.exit_code)
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -117,6 +118,14 @@ def threads_per_rank(num_threads: int, local_world_size: int, cores: int | None 
     return max(1, (cores or os.cpu_count() or 1) // local_world_size)
 
 
+def backend_message(err: BaseException) -> str:
+    """The gist of a gloo/NCCL error: its first sentence, without the source location
+    (``[.../pair.cc:537] Read error [127.0.0.1]:17304: Connection reset by peer. This is ...``)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", text)
+    return re.split(r"(?<=[a-z])\. ", text, maxsplit=1)[0][:200]
+
+
 class PeerLost(TrainingError):
     """A collective failed because another rank died, was killed or stopped answering."""
 
@@ -154,9 +163,9 @@ class Dist:
         try:
             return fn()
         except RuntimeError as err:  # gloo/NCCL errors (DistBackendError included) are RuntimeErrors
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise PeerLost(f"rank {self.rank} lost contact with the other ranks during {what} ({first[:160]}); "
-                           "another rank died or was stopped: see the launcher's report") from None
+            raise PeerLost(f"rank {self.rank} lost contact with the other ranks during {what} "
+                           f"({backend_message(err)}); another rank died or was stopped: see the launcher's "
+                           "report") from None
 
     def all_reduce_sum(self, tensor: torch.Tensor, what: str = "an update") -> torch.Tensor:
         """Sum ``tensor`` over the ranks, in place."""
@@ -245,8 +254,7 @@ def init_process_group(env: LaunchEnv, device: torch.device) -> Dist:
         torch_dist.init_process_group(backend=backend, timeout=TIMEOUT, rank=env.rank, world_size=env.world_size,
                                       device_id=device if device.type == "cuda" else None)
     except (RuntimeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrainingError(f"rank {env.rank}: cannot join the other ranks ({backend}: {first[:200]}); check "
+        raise TrainingError(f"rank {env.rank}: cannot join the other ranks ({backend}: {backend_message(err)}); check "
                             "torchrun's --rdzv-endpoint / MASTER_ADDR and that every node can reach it") from None
     log.info("rank %d of %d (local rank %d), backend %s, device %s", env.rank, env.world_size, env.local_rank,
              backend, device)

@@ -597,9 +597,10 @@ class Trainer:
                         if result.stop or (not self.dist.distributed and self.stop_signal is not None):
                             self.save()
                             if primary:
-                                log.warning("stopped by signal %s at step %d; continue with: seq2seq-train "
+                                launcher = "torchrun ... " if self.dist.distributed else ""
+                                log.warning("stopped by signal %s at step %d; continue with: %sseq2seq-train "
                                             "trainer.resume=%s", self.stop_signal or "(to another rank)", p.step,
-                                            self.run_dir)
+                                            launcher, self.run_dir)
                             return p
                         if stop or self.budget_spent():
                             break
