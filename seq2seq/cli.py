@@ -261,7 +261,9 @@ def _train_task(dcfg: DictConfig) -> float | None:
     except Seq2SeqError as err:
         if dist is not None and dist.distributed:
             _rank_fail(err, dist.rank)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:  # one bad job must not end the sweep
+        # One bad job must not end a sweep that runs its jobs in this process; a submitit job is a
+        # process (or SLURM job) of its own, which ends with the error for the launcher to report.
+        if HydraConfig.get().mode == RunMode.MULTIRUN and "SUBMITIT_EXECUTOR" not in os.environ:
             log.error("%s: %s", run_dir, err)
             _failed_jobs.append(f"{run_dir}: {err}")
             return None

@@ -7,6 +7,7 @@ K updates through ``Trainer.train_step``, for each engine in turn; it writes its
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -40,7 +41,37 @@ def main(cache: Path, out: Path, updates: int) -> None:
             trainer.progress.step += 1
         torch.save({k: v.clone() for k, v in trainer.model.state_dict().items()},
                    out / f"{kernels}-rank{env.rank}.pt")
+    decisions(cache, out, env.rank, dist)
     dist.close()
+
+
+def decisions(cache: Path, out: Path, rank: int, dist) -> None:
+    """Trouble on one rank only: rank 1 runs out of memory (update 1), rank 0 gets a non-finite
+    loss (update 2), a signal reaches rank 1 (update 3). Every rank must take the same decision;
+    writes ``decisions-rank<R>.json`` and the final weights."""
+    cfg = smoke_config(cache, *EQUIVALENCE_OVERRIDES, "trainer.kernels=reference", "trainer.num_threads=1")
+    trainer = Trainer(cfg, prepare_data(cfg.data, cfg.tokenizer), out / "run-decisions", dist)
+    forward, loss = trainer.engine.forward, trainer.engine.loss
+
+    def failing_forward(*args, **kwargs):
+        if rank == 1 and trainer.progress.step == 1:
+            raise torch.OutOfMemoryError("simulated")
+        return forward(*args, **kwargs)
+
+    def failing_loss(*args, **kwargs):
+        value = loss(*args, **kwargs)
+        return value * float("nan") if rank == 0 and trainer.progress.step == 2 else value
+
+    trainer.engine.forward, trainer.engine.loss = failing_forward, failing_loss
+    seen = []
+    for indices in trainer.sampler.batches(0)[:5]:
+        trainer.stop_signal = 15 if rank == 1 and trainer.progress.step == 3 else None
+        result = trainer.train_step(trainer._batch(halves(indices, dist.world_size, rank)))
+        seen.append({"skipped": result.skipped, "stop": result.stop, "tokens": result.tokens,
+                     "loss": None if result.skipped else round(result.loss, 6)})
+        trainer.progress.step += 1
+    (out / f"decisions-rank{rank}.json").write_text(json.dumps(seen))
+    torch.save(trainer.model.state_dict(), out / f"decisions-rank{rank}.pt")
 
 
 if __name__ == "__main__":

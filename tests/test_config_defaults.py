@@ -43,7 +43,9 @@ OVERRIDE_GROUPS = {"experiment"}
 NOT_VALUES = ("defaults", "hydra")  # top-level keys of a file that are not config values
 SCHEMAS = (TrainConfig, EvaluateConfig, TranslateConfig)  # where a group's package is looked up
 
-FILES = sorted(CONFIG_DIR.rglob("*.yaml"))
+# configs/hydra/ configures Hydra's plugins (the submitit launcher), whose schema is theirs: those
+# files are examples that name every key a cluster user sets, defaults included.
+FILES = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if "hydra" not in p.relative_to(CONFIG_DIR).parts)
 GROUP_FILES = [p for p in FILES if p.parent != CONFIG_DIR]
 PRIMARY_FILES = [p for p in FILES if p.parent == CONFIG_DIR]
 

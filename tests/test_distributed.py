@@ -138,3 +138,22 @@ def test_two_ranks_with_half_batches_equal_one_process_with_whole_batches(prepar
         initial = Trainer(cfg, data, tmp_path / "init").model.state_dict()
         moved = max(float((value - initial[name]).abs().max()) for name, value in expected.items())
         assert moved > 1e-3  # the updates did change the weights: the comparison is not vacuous
+
+
+def test_trouble_on_one_rank_is_decided_alike_on_every_rank(prepared, tmp_path):
+    """An out-of-memory batch on rank 1, a non-finite loss on rank 0, a signal to rank 1: every
+    rank skips the same updates and stops at the same one, and the weights stay identical."""
+    import json
+
+    cache, _ = prepared
+    proc = subprocess.run([*TORCHRUN, str(TESTS / "ddp_equivalence_worker.py"), str(cache), str(tmp_path), "1"],
+                          cwd=TESTS, env=torchrun_env(), capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-4000:]
+    seen = [json.loads((tmp_path / f"decisions-rank{r}.json").read_text()) for r in range(2)]
+    assert seen[0] == seen[1]
+    assert [s["skipped"] for s in seen[0]] == [None, "out of memory", "non-finite", None, None]
+    assert [s["stop"] for s in seen[0]] == [False, False, False, True, False]
+    assert all(s["tokens"] > 0 for s in seen[0])
+    weights = [torch.load(tmp_path / f"decisions-rank{r}.pt") for r in range(2)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert all(torch.isfinite(v).all() for v in weights[0].values())

@@ -180,3 +180,40 @@ def test_ctrl_c_or_sigterm_to_torchrun_saves_once_and_every_rank_exits_0(cache, 
     payload = load_checkpoint(run / "checkpoints" / "last.pt")
     assert not payload["progress"]["finished"] and payload["progress"]["step"] >= 5
     assert len(list((run / "checkpoints").glob("step-*.pt"))) == 1  # saved once
+
+
+# ----------------------------------------------------------------------------- cluster sweeps
+
+
+@pytest.mark.parametrize("launcher", ["slurm_ddp", "local_ddp"])
+def test_the_launcher_configs_compose_and_the_plugin_loads(launcher):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import get_class
+
+    from seq2seq.cli import CONFIG_DIR
+    from seq2seq.core.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}", "hydra.launcher.nodes=2"],
+                      return_hydra_config=True)
+    got = cfg.hydra.launcher
+    assert got.nodes == 2 and got.tasks_per_node >= 2 and "timeout_min" in got
+    if launcher == "slurm_ddp":
+        assert got.gpus_per_node == got.tasks_per_node and "partition" in got  # one task per GPU
+    assert get_class(got._target_).__name__.endswith("Launcher")  # hydra-submitit-launcher is installed
+
+
+def test_a_sweep_job_runs_data_parallel_across_its_tasks(cache, tmp_path):
+    """submitit's local executor starts each job as 2 tasks, as SLURM would with tasks_per_node=2:
+    they join as 2 ranks of one run that writes one job directory."""
+    sweep = tmp_path / "sweep"
+    env = env_for(cache)
+    proc = subprocess.run([script("seq2seq-train"), "-m", "hydra/launcher=local_ddp", *RUN, "trainer.max_steps=12",
+                           "seed=5", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    job = sweep / "0"
+    summary = json.loads((job / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["steps"] == 12
+    assert sorted(losses(job)) == list(range(1, 13))  # rank 0 alone wrote the log
