@@ -170,6 +170,7 @@ def log_hparams(run_dir: Path, cfg: TrainConfig, summary: dict, reports: list[Ev
     hparams = {
         "attention": a.type.value, "score": a.score.value if a.type.value == "luong" else "-",
         "input_feeding": bool(a.input_feeding) if a.type.value == "luong" else False,
+        "heads": a.heads, "normalizer": a.normalizer.value,
         "embedding_size": m.embedding_size, "encoder_hidden_size": m.encoder_hidden_size,
         "decoder_hidden_size": m.decoder_hidden_size, "encoder_layers": m.encoder_layers,
         "decoder_layers": m.decoder_layers, "dropout": m.dropout, "lr": cfg.optim.lr,

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from seq2seq.core.config import AttentionConfig, AttentionType, Kernels, LuongScore, ModelConfig
+from seq2seq.core.config import (
+    AttentionConfig,
+    AttentionType,
+    Kernels,
+    LuongScore,
+    ModelConfig,
+    Normalizer,
+)
 from seq2seq.data.batching import Batch, collate
 from seq2seq.data.tokenizer import EOS_ID, PAD_ID
 from seq2seq.model.engine import Engine, build_engine
@@ -14,17 +23,31 @@ SRC_VOCAB = 23
 TGT_VOCAB = 19
 FIRST_WORD = 4  # ids below are PAD, UNK, BOS, EOS
 
-# name -> (attention type, Luong score, input feeding); names follow ``model.describe``.
-VARIANTS: dict[str, tuple[AttentionType, LuongScore, bool]] = {
-    "none": (AttentionType.none, LuongScore.general, False),
-    "bahdanau": (AttentionType.bahdanau, LuongScore.general, False),
-    "luong-dot": (AttentionType.luong, LuongScore.dot, False),
-    "luong-dot-feed": (AttentionType.luong, LuongScore.dot, True),
-    "luong-general": (AttentionType.luong, LuongScore.general, False),
-    "luong-general-feed": (AttentionType.luong, LuongScore.general, True),
-    "luong-concat": (AttentionType.luong, LuongScore.concat, False),
-    "luong-concat-feed": (AttentionType.luong, LuongScore.concat, True),
+class Spec(NamedTuple):
+    kind: AttentionType
+    score: LuongScore
+    feed: bool  # input feeding
+    heads: int = 1
+    normalizer: Normalizer = Normalizer.softmax
+
+
+# name -> the attention; names follow ``model.describe``. The families the CPU kernels run, then
+# the attention lab's variants (reference model only: the fast engine hands them to it).
+VARIANTS: dict[str, Spec] = {
+    "none": Spec(AttentionType.none, LuongScore.general, False),
+    "bahdanau": Spec(AttentionType.bahdanau, LuongScore.general, False),
+    "luong-dot": Spec(AttentionType.luong, LuongScore.dot, False),
+    "luong-dot-feed": Spec(AttentionType.luong, LuongScore.dot, True),
+    "luong-general": Spec(AttentionType.luong, LuongScore.general, False),
+    "luong-general-feed": Spec(AttentionType.luong, LuongScore.general, True),
+    "luong-concat": Spec(AttentionType.luong, LuongScore.concat, False),
+    "luong-concat-feed": Spec(AttentionType.luong, LuongScore.concat, True),
+    "luong-scaled_dot-feed": Spec(AttentionType.luong, LuongScore.scaled_dot, True),
+    "bahdanau-h4": Spec(AttentionType.bahdanau, LuongScore.general, False, heads=4),
+    "luong-general-h4-sparsemax": Spec(AttentionType.luong, LuongScore.general, False, 4, Normalizer.sparsemax),
+    "bahdanau-entmax15": Spec(AttentionType.bahdanau, LuongScore.general, False, normalizer=Normalizer.entmax15),
 }
+LAB = ["luong-scaled_dot-feed", "bahdanau-h4", "luong-general-h4-sparsemax", "bahdanau-entmax15"]
 ATTENTIVE = [v for v in VARIANTS if v != "none"]
 KERNELS = ["fast", "reference"]  # the engines every model, gradient and search test runs on
 
@@ -36,9 +59,10 @@ def engine_of(model: Seq2Seq, kernels: str = "fast") -> Engine:
 
 def model_config(variant: str, **overrides) -> ModelConfig:
     """A tiny config; decoder size is 2 x encoder size so that ``dot`` composes."""
-    kind, score, feed = VARIANTS[variant]
+    v = VARIANTS[variant]
     fields = dict(embedding_size=16, encoder_hidden_size=12, decoder_hidden_size=24, dropout=0.0,
-                  attention=AttentionConfig(type=kind, score=score, input_feeding=feed, hidden_size=16))
+                  attention=AttentionConfig(type=v.kind, score=v.score, input_feeding=v.feed, hidden_size=16,
+                                            heads=v.heads, normalizer=v.normalizer))
     fields.update(overrides)
     return ModelConfig(**fields)
 

@@ -51,6 +51,15 @@ class LuongScore(str, Enum):
     dot = "dot"
     general = "general"
     concat = "concat"
+    scaled_dot = "scaled_dot"  # q.k / sqrt(d) (Vaswani et al. 2017, 3.2.1)
+
+
+class Normalizer(str, Enum):
+    """What turns attention scores into weights."""
+
+    softmax = "softmax"
+    sparsemax = "sparsemax"  # Martins & Astudillo 2016: exact zeros
+    entmax15 = "entmax15"  # Peters et al. 2019, alpha = 1.5: sparse, smoother than sparsemax
 
 
 class OptimizerName(str, Enum):
@@ -150,6 +159,8 @@ class AttentionConfig:
     score: LuongScore = LuongScore.general  # luong only
     input_feeding: bool = True  # luong only (Luong et al. 2015, section 3.3)
     hidden_size: int = 512  # size of the additive (bahdanau / concat) scoring layer
+    heads: int = 1  # heads over split projections (multi-head attention over the encoder states)
+    normalizer: Normalizer = Normalizer.softmax
 
 
 @dataclass

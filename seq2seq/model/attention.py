@@ -3,15 +3,25 @@
 ``prepare`` turns the encoder output into an ``AttentionMemory`` once per batch (this is where key
 projections are computed); ``forward`` scores any number of queries against it. Nothing is stored
 on the module between calls, so the same module serves training, greedy and beam search.
+
+Every scored attention can have several heads (``heads``): the query and key projections and the
+encoder states are split into ``heads`` equal parts, each head attends on its own, and the
+contexts are concatenated, so the context keeps its size (multi-head attention over the encoder
+states, Vaswani et al. 2017, 3.2.2, without extra output projection: the decoder's W_c follows).
+The weights a module returns are the heads' mean, a distribution like any one head's. And the
+scores become weights through a ``normalizer``: softmax, or sparsemax / 1.5-entmax, which give
+exact zeros (Martins & Astudillo 2016; Peters et al. 2019).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from seq2seq.core.config import Normalizer
 from seq2seq.model.encoder import EncoderOutput
 
 
@@ -41,15 +51,58 @@ def read(weights: torch.Tensor, memory: AttentionMemory) -> torch.Tensor:
     return torch.bmm(weights.to(memory.values.dtype), memory.values)
 
 
+def normalize(scores: torch.Tensor, mask: torch.Tensor, normalizer: Normalizer) -> torch.Tensor:
+    """Weights from scores (..., T, S) over the last axis, in float32, exactly 0 at padding
+    (``mask`` (B, S) broadcast over the middle axes)."""
+    keep = mask.view(mask.size(0), *([1] * (scores.dim() - 2)), mask.size(1))
+    dtype = torch.promote_types(scores.dtype, torch.float32)  # float32, or float64 in gradcheck
+    if normalizer == Normalizer.softmax:
+        return torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1, dtype=dtype)
+    import entmax  # sparse normalizers: sorting-based, exact (the ``entmax`` package)
+
+    # The sort-based thresholds need finite inputs: a padded score far below every real one is
+    # never in the support, and the product with the mask makes its zero exact.
+    scores = scores.to(dtype).masked_fill(~keep, -1e9)
+    sparse = entmax.sparsemax if normalizer == Normalizer.sparsemax else entmax.entmax15
+    return sparse(scores, dim=-1) * keep
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, H * d) -> (B, H, L, d)."""
+    b, length, size = x.shape
+    return x.view(b, length, heads, size // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, d) -> (B, L, H * d)."""
+    b, heads, length, size = x.shape
+    return x.transpose(1, 2).reshape(b, length, heads * size)
+
+
+def read_heads(weights: torch.Tensor, memory: AttentionMemory) -> torch.Tensor:
+    """Contexts (B, T, D) from per-head weights (B, H, T, S): each head averages its own slice
+    of the values."""
+    values = split_heads(memory.values, weights.size(1))  # (B, H, S, D / H)
+    return merge_heads(torch.matmul(weights.to(values.dtype), values))
+
+
 class Attention(nn.Module):
     """Base class. ``query_free`` attention ignores the query (so the decoder may run in parallel)."""
 
     query_free = False
 
-    def __init__(self, query_size: int, value_size: int) -> None:
+    def __init__(self, query_size: int, value_size: int, heads: int = 1,
+                 normalizer: Normalizer = Normalizer.softmax) -> None:
         super().__init__()
         self.query_size = query_size
         self.value_size = value_size
+        self.heads = heads
+        self.normalizer = normalizer
+
+    @property
+    def standard(self) -> bool:
+        """One head and softmax: the attention the CPU kernels implement (seq2seq/model/fast.py)."""
+        return self.heads == 1 and self.normalizer == Normalizer.softmax
 
     def prepare(self, enc: EncoderOutput) -> AttentionMemory:
         raise NotImplementedError
@@ -80,11 +133,13 @@ class AdditiveAttention(Attention):
     previous decoder state as q), and Luong et al. 2015's ``concat`` score (current state).
     U h_j is computed once per batch (``prepare``)."""
 
-    def __init__(self, query_size: int, value_size: int, hidden_size: int) -> None:
-        super().__init__(query_size, value_size)
+    def __init__(self, query_size: int, value_size: int, hidden_size: int, heads: int = 1,
+                 normalizer: Normalizer = Normalizer.softmax) -> None:
+        super().__init__(query_size, value_size, heads, normalizer)
         self.key_proj = nn.Linear(value_size, hidden_size, bias=False)  # U
         self.query_proj = nn.Linear(query_size, hidden_size, bias=True)  # W (+ bias)
-        self.energy = nn.Linear(hidden_size, 1, bias=False)  # v
+        # v: one row per head, over that head's part of the hidden layer ((1, A) for one head)
+        self.energy = nn.Linear(hidden_size // heads, heads, bias=False)
 
     def prepare(self, enc: EncoderOutput) -> AttentionMemory:
         return AttentionMemory(keys=self.key_proj(enc.outputs), values=enc.outputs, mask=enc.mask)
@@ -92,26 +147,51 @@ class AdditiveAttention(Attention):
     def forward(self, query: torch.Tensor, memory: AttentionMemory) -> AttentionResult:
         # (B, T, 1, A) + (B, 1, S, A): every query against every key
         energies = torch.tanh(self.query_proj(query).unsqueeze(2) + memory.keys.unsqueeze(1))
-        scores = self.energy(energies).squeeze(-1)  # (B, T, S)
-        weights = masked_softmax(scores, memory.mask)
-        return AttentionResult(context=read(weights, memory), weights=weights)
+        if self.heads == 1:
+            scores = self.energy(energies).squeeze(-1)  # (B, T, S)
+            weights = normalize(scores, memory.mask, self.normalizer)
+            return AttentionResult(context=read(weights, memory), weights=weights)
+        b, t, s, a = energies.shape
+        parts = energies.view(b, t, s, self.heads, a // self.heads)
+        scores = (parts * self.energy.weight.to(parts.dtype)).sum(-1).permute(0, 3, 1, 2)  # (B, H, T, S)
+        weights = normalize(scores, memory.mask, self.normalizer)
+        return AttentionResult(context=read_heads(weights, memory), weights=weights.mean(1))
 
 
 class MultiplicativeAttention(Attention):
     """Luong et al. 2015, section 3.1: ``general`` score(h_t, h_s) = h_t^T W_a h_s, or ``dot``
-    score = h_t^T h_s (no parameters; needs equal sizes). W_a h_s is computed once per batch."""
+    score = h_t^T h_s (no parameters; needs equal sizes); ``scaled`` divides the score by the
+    square root of the (per-head) key size, as scaled dot-product attention does (Vaswani et al.
+    2017, 3.2.1), so the softmax does not saturate as the size grows. W_a h_s is computed once
+    per batch."""
 
-    def __init__(self, query_size: int, value_size: int, general: bool) -> None:
-        super().__init__(query_size, value_size)
+    def __init__(self, query_size: int, value_size: int, general: bool, scaled: bool = False, heads: int = 1,
+                 normalizer: Normalizer = Normalizer.softmax) -> None:
+        super().__init__(query_size, value_size, heads, normalizer)
         if not general and query_size != value_size:
             raise ValueError(f"dot attention needs equal query and value sizes ({query_size} != {value_size})")
         self.general = general
+        self.scaled = scaled
         self.key_proj = nn.Linear(value_size, query_size, bias=False) if general else nn.Identity()
+
+    @property
+    def standard(self) -> bool:
+        return super().standard and not self.scaled
 
     def prepare(self, enc: EncoderOutput) -> AttentionMemory:
         return AttentionMemory(keys=self.key_proj(enc.outputs), values=enc.outputs, mask=enc.mask)
 
     def forward(self, query: torch.Tensor, memory: AttentionMemory) -> AttentionResult:
-        scores = torch.bmm(query, memory.keys.transpose(1, 2).to(query.dtype))  # (B, T, S)
-        weights = masked_softmax(scores, memory.mask)
-        return AttentionResult(context=read(weights, memory), weights=weights)
+        if self.heads == 1:
+            scores = torch.bmm(query, memory.keys.transpose(1, 2).to(query.dtype))  # (B, T, S)
+            if self.scaled:
+                scores = scores / math.sqrt(query.size(-1))
+            weights = normalize(scores, memory.mask, self.normalizer)
+            return AttentionResult(context=read(weights, memory), weights=weights)
+        q = split_heads(query, self.heads)  # (B, H, T, Q / H)
+        k = split_heads(memory.keys.to(query.dtype), self.heads)  # (B, H, S, Q / H)
+        scores = torch.matmul(q, k.transpose(2, 3))  # (B, H, T, S)
+        if self.scaled:
+            scores = scores / math.sqrt(q.size(-1))
+        weights = normalize(scores, memory.mask, self.normalizer)
+        return AttentionResult(context=read_heads(weights, memory), weights=weights.mean(1))

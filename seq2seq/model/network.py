@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from seq2seq.core.config import AttentionType, LuongScore, ModelConfig
+from seq2seq.core.config import AttentionType, LuongScore, ModelConfig, Normalizer
 from seq2seq.core.errors import ConfigError
 from seq2seq.data.batching import Batch
 from seq2seq.model.attention import (
@@ -85,10 +85,17 @@ class Seq2Seq(nn.Module):
 
 
 def describe(cfg: ModelConfig) -> str:
+    """The model's name in reports and plots: ``bahdanau``, ``luong-general-feed``, and for the
+    attention variants ``-h<heads>`` and the normalizer (``luong-scaled_dot-h4-sparsemax``)."""
     att = cfg.attention
     if att.type == AttentionType.luong:
-        return f"luong-{att.score.value}" + ("-feed" if att.input_feeding else "")
-    return att.type.value
+        name = f"luong-{att.score.value}" + ("-feed" if att.input_feeding else "")
+    else:
+        name = att.type.value
+    if att.type != AttentionType.none:
+        name += f"-h{att.heads}" if att.heads > 1 else ""
+        name += f"-{att.normalizer.value}" if att.normalizer != Normalizer.softmax else ""
+    return name
 
 
 def check_model_config(cfg: ModelConfig) -> None:
@@ -107,14 +114,33 @@ def check_model_config(cfg: ModelConfig) -> None:
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1) (got {cfg.dropout})")
     att = cfg.attention
-    if att.type == AttentionType.luong and att.score == LuongScore.dot and (
-        cfg.decoder_hidden_size != 2 * cfg.encoder_hidden_size
-    ):
+    dot = att.score in (LuongScore.dot, LuongScore.scaled_dot)
+    if att.type == AttentionType.luong and dot and cfg.decoder_hidden_size != 2 * cfg.encoder_hidden_size:
         raise ConfigError(
-            "model.attention.score=dot needs model.decoder_hidden_size == 2 x "
+            f"model.attention.score={att.score.value} needs model.decoder_hidden_size == 2 x "
             f"model.encoder_hidden_size ({cfg.decoder_hidden_size} != {2 * cfg.encoder_hidden_size}); "
             "use score=general or change the sizes"
         )
+    if att.heads < 1:
+        raise ConfigError(f"model.attention.heads must be a positive integer (got {att.heads})")
+    if att.type == AttentionType.none:
+        for key, value, default in (("heads", att.heads, 1), ("normalizer", att.normalizer, Normalizer.softmax)):
+            if value != default:
+                shown = value.value if isinstance(value, Normalizer) else value
+                raise ConfigError(f"model.attention.{key}={shown} needs an attention to apply to; "
+                                  "choose model/attention=bahdanau or luong")
+        return
+    additive = att.type == AttentionType.bahdanau or att.score == LuongScore.concat
+    # what each head takes a 1/heads share of
+    split = {"the encoder states (2 x model.encoder_hidden_size)": 2 * cfg.encoder_hidden_size}
+    if additive:
+        split["model.attention.hidden_size"] = att.hidden_size
+    else:
+        split["model.decoder_hidden_size"] = cfg.decoder_hidden_size
+    for what, size in split.items():
+        if size % att.heads:
+            raise ConfigError(f"model.attention.heads={att.heads} must divide {what} ({size}); choose a "
+                              "number of heads that divides it")
 
 
 def build_attention(cfg: ModelConfig, query_size: int, value_size: int) -> Attention:
@@ -122,8 +148,10 @@ def build_attention(cfg: ModelConfig, query_size: int, value_size: int) -> Atten
     if att.type == AttentionType.none:
         return NoAttention(query_size, value_size)
     if att.type == AttentionType.bahdanau or att.score == LuongScore.concat:
-        return AdditiveAttention(query_size, value_size, att.hidden_size)
-    return MultiplicativeAttention(query_size, value_size, general=att.score == LuongScore.general)
+        return AdditiveAttention(query_size, value_size, att.hidden_size, att.heads, att.normalizer)
+    return MultiplicativeAttention(query_size, value_size, general=att.score == LuongScore.general,
+                                   scaled=att.score == LuongScore.scaled_dot, heads=att.heads,
+                                   normalizer=att.normalizer)
 
 
 def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, pad_id: int) -> Seq2Seq:

@@ -1,0 +1,173 @@
+"""The attention lab's switches: scaled dot-product scores, several heads, sparse normalizers.
+(The model, search and checkpoint tests run every one of them too: helpers_model.LAB.)"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers_model import engine_of, make_model
+from test_train_cli import ok, one_line_error, run_cli, run_dirs
+
+from seq2seq.core.config import AttentionConfig, AttentionType, LuongScore, ModelConfig, Normalizer
+from seq2seq.core.errors import ConfigError
+from seq2seq.model.attention import (
+    AdditiveAttention,
+    AttentionMemory,
+    MultiplicativeAttention,
+    normalize,
+)
+from seq2seq.model.network import build_model, check_model_config
+
+
+def memory(b: int = 2, s: int = 5, d: int = 8, dtype=torch.float64) -> AttentionMemory:
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(b, s, d, generator=g, dtype=dtype)
+    mask = torch.ones(b, s, dtype=torch.bool)
+    mask[0, 3:] = False
+    return AttentionMemory(keys=values, values=values, mask=mask)
+
+
+MODULES = {
+    "scaled_dot": lambda: MultiplicativeAttention(8, 8, general=False, scaled=True),
+    "scaled_dot-h2": lambda: MultiplicativeAttention(8, 8, general=False, scaled=True, heads=2),
+    "general-h4": lambda: MultiplicativeAttention(8, 8, general=True, heads=4),
+    "additive-h2": lambda: AdditiveAttention(6, 8, hidden_size=6, heads=2),
+    "additive-sparsemax": lambda: AdditiveAttention(6, 8, hidden_size=6, normalizer=Normalizer.sparsemax),
+    "general-h2-entmax15": lambda: MultiplicativeAttention(8, 8, general=True, heads=2,
+                                                           normalizer=Normalizer.entmax15),
+}
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_new_score_passes_gradcheck_in_float64(name):
+    torch.manual_seed(0)
+    module = MODULES[name]().double()
+    mem = memory()
+    query = torch.randn(2, 3, module.query_size, dtype=torch.float64, requires_grad=True)
+    values = mem.values.clone().requires_grad_(True)
+
+    def run(q, v):
+        m = module.prepare(type("Enc", (), {"outputs": v, "mask": mem.mask})())
+        out = module(q, m)
+        return out.context, out.weights
+
+    assert torch.autograd.gradcheck(run, (query, values))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_weights_sum_to_one_and_are_exactly_zero_at_padding(name):
+    torch.manual_seed(1)
+    module = MODULES[name]().double()
+    mem = memory()
+    mem = module.prepare(type("Enc", (), {"outputs": mem.values, "mask": mem.mask})())
+    weights = module(torch.randn(2, 4, module.query_size, dtype=torch.float64) * 3, mem).weights
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, dtype=torch.float64))
+    assert torch.equal(weights[0, :, 3:], torch.zeros_like(weights[0, :, 3:]))
+    assert (weights >= 0).all()
+
+
+@pytest.mark.parametrize("normalizer", [Normalizer.sparsemax, Normalizer.entmax15])
+def test_sparse_normalizers_give_exact_zeros_on_real_positions(normalizer):
+    scores = torch.tensor([[[4.0, 3.9, 0.0, -2.0, 1.0]]])
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    weights = normalize(scores, mask, normalizer)
+    assert weights.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert (weights == 0).sum() >= 2 and weights[0, 0, 0] > weights[0, 0, 1] > 0
+    assert (normalize(scores, mask, Normalizer.softmax) > 0).all()  # softmax: never exactly 0
+
+
+def test_sparse_normalizers_keep_float32_under_bf16_scores():
+    scores = torch.randn(2, 3, 5).bfloat16()
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    for normalizer in Normalizer:
+        assert normalize(scores, mask, normalizer).dtype == torch.float32
+
+
+def test_scaled_dot_is_dot_over_the_square_root_of_the_size():
+    mem = memory(dtype=torch.float32)
+    query = torch.randn(2, 3, 8)
+    scaled = MultiplicativeAttention(8, 8, general=False, scaled=True)(query, mem).weights
+    plain = MultiplicativeAttention(8, 8, general=False)(query / math.sqrt(8), mem).weights
+    torch.testing.assert_close(scaled, plain)
+
+
+def test_each_head_reads_only_its_own_slice_of_the_encoder_states():
+    """Dot-product heads over split states: changing the states of head 1's slice leaves head
+    0's half of the context alone (its scores and values are its own), and changes head 1's."""
+    mem = memory(dtype=torch.float32)
+    module = MultiplicativeAttention(8, 8, general=False, scaled=True, heads=2)
+    query = torch.randn(2, 3, 8)
+    before = module(query, mem).context
+    changed = mem.values.clone()
+    changed[..., 4:] += torch.randn_like(changed[..., 4:])
+    after = module(query, AttentionMemory(changed, changed, mem.mask)).context
+    torch.testing.assert_close(after[..., :4], before[..., :4])
+    assert (after[..., 4:] - before[..., 4:]).abs().max() > 1e-3
+
+
+def test_the_lab_runs_the_reference_model_under_the_fast_engine():
+    for variant in ("bahdanau-h4", "luong-scaled_dot-feed", "bahdanau-entmax15"):
+        assert engine_of(make_model(variant), "fast").name == "reference"
+    assert engine_of(make_model("bahdanau"), "fast").name == "fast"
+
+
+def lab_config(**attention) -> ModelConfig:
+    return ModelConfig(embedding_size=16, encoder_hidden_size=12, decoder_hidden_size=24,
+                       attention=AttentionConfig(hidden_size=16, **attention))
+
+
+@pytest.mark.parametrize("attention, fragment", [
+    (dict(type=AttentionType.bahdanau, heads=5), "model.attention.heads=5 must divide"),
+    (dict(type=AttentionType.luong, score=LuongScore.general, heads=7), "model.attention.heads=7 must divide"),
+    (dict(type=AttentionType.luong, heads=0), "model.attention.heads must be a positive integer"),
+    (dict(type=AttentionType.none, heads=2), "model.attention.heads=2 needs an attention"),
+    (dict(type=AttentionType.none, normalizer=Normalizer.sparsemax), "normalizer=sparsemax needs an attention"),
+])
+def test_combinations_that_make_no_sense_are_refused_in_one_line(attention, fragment):
+    with pytest.raises(ConfigError) as err:
+        check_model_config(lab_config(**attention))
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_heads_1_keeps_the_state_dict_layout():
+    """A checkpoint of a one-head model from before the switch loads unchanged."""
+    model = build_model(lab_config(type=AttentionType.bahdanau), 20, 20, 0)
+    assert tuple(model.state_dict()["decoder.attention.energy.weight"].shape) == (1, 16)
+
+
+# ----------------------------------------------------------------------------- from the command line
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+SHORT = ["experiment=smoke", "trainer.max_steps=12", "trainer.valid_every=6", "eval.bootstrap_samples=100"]
+
+
+@pytest.mark.parametrize("overrides, description", [
+    (["model/attention=luong", "model.attention.score=scaled_dot", "model.attention.heads=4",
+      "model.attention.normalizer=entmax15", "model.decoder_hidden_size=64", "model.encoder_hidden_size=32"],
+     "luong-scaled_dot-feed-h4-entmax15"),
+    (["model.attention.heads=2", "model.attention.normalizer=sparsemax"], "bahdanau-h2-sparsemax"),
+])
+def test_a_variant_trains_evaluates_and_translates(overrides, description, tmp_path, cache_dir):
+    ok(run_cli("seq2seq-train", [*SHORT, *overrides], tmp_path, cache_dir))
+    [run] = run_dirs(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model"] == description and summary["engine"]["name"] == "reference"
+    ok(run_cli("seq2seq-evaluate", [f"run_dir={run}", "search=beam", "search.beam_size=3",
+                                    "eval.bootstrap_samples=100"], tmp_path, cache_dir))
+    out = ok(run_cli("seq2seq-translate", [f"run_dir={run}"], tmp_path, cache_dir, stdin=b"ba ki du .\n\n"))
+    assert len(out.stdout.splitlines()) == 2
+
+
+def test_a_bad_combination_is_refused_before_anything_runs(tmp_path, cache_dir):
+    proc = run_cli("seq2seq-train", [*SHORT, "model/attention=none", "model.attention.heads=2"], tmp_path,
+                   cache_dir)
+    one_line_error(proc, "model.attention.heads=2 needs an attention")
+    assert not (tmp_path / "outputs").exists()
