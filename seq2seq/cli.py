@@ -493,7 +493,7 @@ def translate() -> None:
         logging.getLogger().setLevel(logging.WARNING)  # stdout carries the translations
         cfg: TranslateConfig = OmegaConf.to_object(dcfg)
         run_translate(Path(cfg.run_dir), cfg.checkpoint.value, cfg.search, cfg.device, cfg.kernels, sys.stdin,
-                      sys.stdout)
+                      sys.stdout, cfg.alignments)
         return 0
 
     _simple_command("translate", run)

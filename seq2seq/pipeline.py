@@ -16,11 +16,13 @@ from seq2seq.core.errors import ConfigError, DataError, RunDirError
 from seq2seq.core.files import make_writable_dir, write_text_atomic
 from seq2seq.core.runlock import lock_run_dir
 from seq2seq.core.tracking import Tracker
-from seq2seq.data.corpus import check_languages, load_corpus, read_lines
+from seq2seq.data.corpus import ALIGN_COLUMN, check_languages, load_corpus, read_lines
 from seq2seq.data.prepare import prepare_data
+from seq2seq.evaluation.alignment import attention_links, format_links
 from seq2seq.evaluation.evaluate import (
     LoadedModel,
     check_eval_config,
+    decode_lines,
     eval_dir_name,
     evaluate,
     find_checkpoint,
@@ -30,6 +32,7 @@ from seq2seq.evaluation.evaluate import (
 from seq2seq.evaluation.report import EvalReport
 from seq2seq.model.network import check_model_config
 from seq2seq.search.common import check_search_config
+from seq2seq.search.translate import attention_pass
 from seq2seq.training.distributed import Dist
 from seq2seq.training.trainer import Trainer, check_trainer_config
 
@@ -132,7 +135,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None) -> l
     if cfg.trainer.evaluate_at_end:
         loaded = load_model(find_checkpoint(run_dir, "best"), cfg.trainer.device, cfg.trainer.kernels)
         texts = {split: raw_texts(data.splits[split]) for split in data.test_splits}
-        reports = evaluate_run(run_dir, loaded, texts, cfg.search, cfg.eval)
+        gold = {split: gold_of(data.splits[split]) for split in data.test_splits}
+        reports = evaluate_run(run_dir, loaded, texts, cfg.search, cfg.eval, gold)
     summary = {
         "model": trainer.model.description,
         "engine": {"name": trainer.engine.name, **trainer.engine.paths()},
@@ -190,16 +194,19 @@ def log_hparams(run_dir: Path, cfg: TrainConfig, summary: dict, reports: list[Ev
 
 
 def evaluate_run(run_dir: Path, loaded: LoadedModel, texts: dict[str, tuple[list[str], list[str]]],
-                 search: SearchConfig, eval_cfg: EvalConfig) -> list[tuple[EvalReport, Path]]:
+                 search: SearchConfig, eval_cfg: EvalConfig, gold: dict[str, list[str] | None] | None = None,
+                 gold_source: str = "the corpus") -> list[tuple[EvalReport, Path]]:
     """Evaluate ``loaded`` on each split of ``texts`` (split -> raw sources, raw references),
-    writing ``<run dir>/eval/<split>[-<search>]/``; returns each report with its folder."""
+    writing ``<run dir>/eval/<split>[-<search>]/``; returns each report with its folder. ``gold``:
+    split -> gold word alignments (Pharaoh lines), where known."""
     tracker = Tracker(run_dir)
     reports = []
     try:
         for i, (split, (src, refs)) in enumerate(texts.items()):
             tag = "test" if i == 0 else f"test_{split}"
             report, out_dir = evaluate(loaded, src, refs, loaded.cfg.data.corpus, split, search, eval_cfg,
-                                       run_dir / "eval" / eval_dir_name(split, search), tracker, tag)
+                                       run_dir / "eval" / eval_dir_name(split, search), tracker, tag,
+                                       gold_alignments=(gold or {}).get(split), gold_source=gold_source)
             reports.append((report, out_dir))
     finally:
         tracker.close()
@@ -211,6 +218,29 @@ def raw_texts(ds: Dataset) -> tuple[list[str], list[str]]:
     cols = ("raw_src", "ref") if "ref" in ds.column_names else ("src", "tgt")
     table = ds.select_columns(list(cols))[:]
     return table[cols[0]], table[cols[1]]
+
+
+def gold_of(ds: Dataset) -> list[str] | None:
+    """A split's gold word alignments, where the corpus has them (the synthetic one does)."""
+    return list(ds[ALIGN_COLUMN]) if ALIGN_COLUMN in ds.column_names else None
+
+
+def read_gold_alignments(path: Path, sentences: int) -> list[str]:
+    """A gold alignment file, checked before any work: a Pharaoh line per sentence."""
+    from seq2seq.evaluation.alignment import parse_links
+
+    if not path.is_file():
+        raise DataError(f"align_file={path}: no such file")
+    lines = read_lines(path)
+    if len(lines) != sentences:
+        raise DataError(f"align_file={path} has {len(lines)} lines for {sentences} sentences; it needs one "
+                        "Pharaoh line (i-j ...) per sentence")
+    for n, line in enumerate(lines, start=1):
+        try:
+            parse_links(line, f"{path} line {n}")
+        except ValueError as err:
+            raise DataError(str(err)) from None
+    return lines
 
 
 def load_split(cfg: TrainConfig, split: str) -> Dataset:
@@ -239,16 +269,30 @@ def run_evaluate(ecfg: EvaluateConfig) -> list[tuple[EvalReport, Path]]:
         if not src:
             raise DataError(f"{src_path} is empty")
         texts = {ecfg.name or src_path.name.split(".")[0]: (src, ref)}
+        gold = {name: None for name in texts}
     else:
         splits = [ecfg.split] if ecfg.split else list(loaded.cfg.data.test_splits)
-        texts = {split: raw_texts(load_split(loaded.cfg, split)) for split in splits}
-    return evaluate_run(run_dir, loaded, texts, ecfg.search, ecfg.eval)
+        datasets = {split: load_split(loaded.cfg, split) for split in splits}
+        texts = {split: raw_texts(ds) for split, ds in datasets.items()}
+        gold = {split: gold_of(ds) for split, ds in datasets.items()}
+    source = "the corpus"
+    if ecfg.align_file is not None:
+        if len(texts) != 1:
+            raise ConfigError("align_file=... scores one evaluation: give split=... (or src_file/ref_file) too")
+        name, (src, _) = next(iter(texts.items()))
+        gold = {name: read_gold_alignments(Path(ecfg.align_file), len(src))}
+        source = ecfg.align_file
+    return evaluate_run(run_dir, loaded, texts, ecfg.search, ecfg.eval, gold, source)
 
 
-def run_translate(run_dir: Path, which: str, search, device, kernels, stream_in, stream_out) -> int:
-    """Translate ``stream_in`` line by line to ``stream_out``, in chunks so output starts early."""
+def run_translate(run_dir: Path, which: str, search, device, kernels, stream_in, stream_out,
+                  alignments: bool = False) -> int:
+    """Translate ``stream_in`` line by line to ``stream_out``, in chunks so output starts early.
+    With ``alignments`` each line is the translation, a tab and its word alignment (Pharaoh i-j)."""
     check_search_config(search)
     loaded = load_model(find_checkpoint(run_dir, which), device, kernels)
+    if alignments and loaded.model.decoder.attention.query_free:
+        raise ConfigError(f"alignments=true needs an attention model; {run_dir} is {loaded.model.description}")
     chunk: list[str] = []
     count = 0
     line_no = 0
@@ -264,15 +308,26 @@ def run_translate(run_dir: Path, which: str, search, device, kernels, stream_in,
             raw = raw[1:]  # a UTF-8 byte-order mark is not part of the text
         chunk.append(raw.rstrip("\r\n"))
         if len(chunk) >= chunk_size:
-            count += _flush(loaded, chunk, search, stream_out)
+            count += _flush(loaded, chunk, search, stream_out, alignments)
             chunk = []
     if chunk:
-        count += _flush(loaded, chunk, search, stream_out)
+        count += _flush(loaded, chunk, search, stream_out, alignments)
     return count
 
 
-def _flush(loaded, lines: list[str], search, stream_out) -> int:
-    for hyp in translate_lines(loaded, lines, search):
-        stream_out.write(hyp + "\n")
+def _flush(loaded, lines: list[str], search, stream_out, alignments: bool) -> int:
+    if not alignments:
+        for hyp in translate_lines(loaded, lines, search):
+            stream_out.write(hyp + "\n")
+    else:
+        decoded = decode_lines(loaded, lines, search)
+        weights, _ = attention_pass(loaded.engine, decoded.src_ids, decoded.hyp_ids, loaded.device,
+                                    loaded.amp_dtype, max(1, search.batch_size))
+        links = [""] * len(lines)
+        for k, i in enumerate(decoded.todo):
+            links[i] = format_links(attention_links(weights[k], loaded.tokenizer.src_pieces(decoded.clean[k]),
+                                                    loaded.tokenizer.tgt_pieces(decoded.hyp_ids[k])))
+        for hyp, link in zip(decoded.texts, links):
+            stream_out.write(f"{hyp}\t{link}\n")
     stream_out.flush()
     return len(lines)

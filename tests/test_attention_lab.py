@@ -11,7 +11,14 @@ import torch
 from helpers_model import engine_of, make_model
 from test_train_cli import ok, one_line_error, run_cli, run_dirs
 
-from seq2seq.core.config import AttentionConfig, AttentionType, LuongScore, ModelConfig, Normalizer
+from seq2seq.core.config import (
+    AttentionConfig,
+    AttentionType,
+    EvalConfig,
+    LuongScore,
+    ModelConfig,
+    Normalizer,
+)
 from seq2seq.core.errors import ConfigError
 from seq2seq.model.attention import (
     AdditiveAttention,
@@ -162,6 +169,9 @@ def test_a_variant_trains_evaluates_and_translates(overrides, description, tmp_p
     assert summary["model"] == description and summary["engine"]["name"] == "reference"
     ok(run_cli("seq2seq-evaluate", [f"run_dir={run}", "search=beam", "search.beam_size=3",
                                     "eval.bootstrap_samples=100"], tmp_path, cache_dir))
+    beam = run / "eval" / "test-beam3"
+    assert len(list(beam.glob("attention_*.png"))) == EvalConfig().heatmaps  # of the beam's own hypotheses
+    assert json.loads((beam / "report.json").read_text())["attention"]["pad_mass"] == 0.0
     out = ok(run_cli("seq2seq-translate", [f"run_dir={run}"], tmp_path, cache_dir, stdin=b"ba ki du .\n\n"))
     assert len(out.stdout.splitlines()) == 2
 

@@ -144,8 +144,16 @@ def test_train_writes_a_complete_run_directory(trained, variant):
     buckets = report["buckets"]
     assert [b["label"] for b in buckets][0] == "1-10"
     assert sum(b["count"] for b in buckets) == TEST_SIZE
-    # Attention heatmaps exist exactly for models that attend.
+    # Attention heatmaps and diagnostics exist exactly for models that attend.
     assert bool(list(out.glob("attention_*.png"))) == (variant != "none")
+    assert ("attention" in report) == (variant != "none")
+    if variant != "none":
+        attention = report["attention"]
+        assert attention["pad_mass"] == 0.0 and attention["sentences"] == TEST_SIZE
+        assert 0.0 <= attention["monotonicity"] <= 1.0 and attention["entropy"] >= 0.0
+        assert [b["label"] for b in attention["buckets"]] == [b["label"] for b in buckets]
+        assert sum(b["sentences"] for b in attention["buckets"]) == TEST_SIZE
+        assert "## Attention" in (out / "report.md").read_text(encoding="utf-8")
 
 
 def test_report_bleu_matches_the_sacrebleu_command_line(trained):

@@ -264,6 +264,7 @@ class EvaluateConfig:
     src_file: str | None = None  # or any source/reference pair of files
     ref_file: str | None = None
     name: str | None = None  # report folder name for a file pair (default: the file's stem)
+    align_file: str | None = None  # gold word alignments (Pharaoh i-j, a line per sentence): AER
     data_root: str | None = None  # where the run's corpus is now, if it moved
     device: Device = Device.auto
     kernels: Kernels = Kernels.auto
@@ -278,6 +279,7 @@ class TranslateConfig:
     device: Device = Device.auto
     kernels: Kernels = Kernels.auto
     search: SearchConfig = field(default_factory=SearchConfig)
+    alignments: bool = False  # also print each translation's word alignment (tab, Pharaoh i-j)
 
 
 def register_configs() -> None:

@@ -83,9 +83,10 @@ def clean_split(ds: Dataset, filter_pairs: bool, max_len: int, max_ratio: float)
         out_raw_src.append(src)
         out_ref.append(tgt)
     # raw_src / ref keep the text as it was: evaluation scores against raw references.
-    cleaned = Dataset.from_dict({"src": out_src, "tgt": out_tgt, "line": out_line, "raw_src": out_raw_src,
-                                 "ref": out_ref})
-    return cleaned, stats
+    columns = {"src": out_src, "tgt": out_tgt, "line": out_line, "raw_src": out_raw_src, "ref": out_ref}
+    if not filter_pairs:  # every row kept: a corpus's other columns (gold alignments) stay aligned
+        columns.update({c: ds[c] for c in ds.column_names if c not in ("src", "tgt", "line")})
+    return Dataset.from_dict(columns), stats
 
 
 def clean_corpus(raw: DatasetDict, cfg: DataConfig) -> DatasetDict:

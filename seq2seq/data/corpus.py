@@ -157,6 +157,10 @@ def _load_local(cfg: DataConfig, directory: Path) -> DatasetDict:
     return DatasetDict(splits)
 
 
+# Gold word alignments (Pharaoh "i-j" per line), in the evaluation splits of corpora that have them.
+ALIGN_COLUMN = "align"
+
+
 def _to_dataset(src: list[str], tgt: list[str]) -> Dataset:
     return Dataset.from_dict({"src": src, "tgt": tgt, "line": list(range(1, len(src) + 1))})
 
@@ -226,7 +230,7 @@ def _load_hub(cfg: DataConfig, local: Path) -> DatasetDict:
 
 
 def _load_synthetic(cfg: DataConfig) -> DatasetDict:
-    from seq2seq.data.synthetic import SPLITS, generate_synthetic
+    from seq2seq.data.synthetic import SPLITS, build_lexicon, generate_synthetic, gold_alignments
 
     for split in needed_splits(cfg):
         if split not in SPLITS:
@@ -237,10 +241,13 @@ def _load_synthetic(cfg: DataConfig) -> DatasetDict:
     if {cfg.src_lang, cfg.tgt_lang} != {"src", "tgt"}:
         raise ConfigError("the synthetic corpus has languages 'src' and 'tgt' only")
     generated = generate_synthetic(cfg.synthetic)
+    lexicon = build_lexicon(cfg.synthetic)
+    reverse = cfg.src_lang == "tgt"
     splits = {}
     for split in needed_splits(cfg):
         src, tgt = generated[split]
-        if cfg.src_lang == "tgt":  # reversed direction
-            src, tgt = tgt, src
-        splits[split] = _to_dataset(src, tgt)
+        dataset = _to_dataset(tgt, src) if reverse else _to_dataset(src, tgt)
+        if split != cfg.train_split:  # the generator knows each pair's word alignment: evaluation scores AER
+            dataset = dataset.add_column(ALIGN_COLUMN, gold_alignments(src, lexicon, flip=reverse))
+        splits[split] = dataset
     return DatasetDict(splits)

@@ -146,9 +146,22 @@ def build_lexicon(cfg: SyntheticConfig) -> Lexicon:
 
 def translate(source: list[str], lexicon: Lexicon) -> list[str]:
     """Translate source tokens; raises ``ValueError`` on an unknown word or a broken phrase."""
+    return translate_aligned(source, lexicon)[0]
+
+
+def translate_aligned(source: list[str], lexicon: Lexicon) -> tuple[list[str], list[int]]:
+    """The translation, and for each target token the position of the source token it
+    translates: the gold word alignment (one-to-one, as every word has one translation and the
+    reorderings only move words)."""
     tgt, cls = lexicon.to_target, lexicon.word_class
     out: list[str] = []
-    deferred: list[str] | None = None  # verbs of the open subordinate clause, moved to its end
+    origin: list[int] = []
+    deferred: list[int] | None = None  # source positions of the open subordinate clause's verbs
+
+    def emit(position: int) -> None:
+        out.append(tgt[source[position]])
+        origin.append(position)
+
     i = 0
     while i < len(source):
         word = source[i]
@@ -164,25 +177,39 @@ def translate(source: list[str], lexicon: Lexicon) -> list[str]:
             k = j + 1
             while k < len(source) and cls.get(source[k]) == "adj":
                 k += 1
-            out.extend(tgt[w] for w in source[start:j])  # determiner stays first
-            out.extend(tgt[w] for w in source[j + 1 : k])  # adjectives move before the noun
-            out.append(tgt[source[j]])
+            for position in range(start, j):  # determiner stays first
+                emit(position)
+            for position in range(j + 1, k):  # adjectives move before the noun
+                emit(position)
+            emit(j)
             if kind == "prep":
-                out.append(tgt[word])  # preposition becomes a postposition
+                emit(i)  # preposition becomes a postposition
             i = k
             continue
         if kind == "verb" and deferred is not None:
-            deferred.append(tgt[word])
+            deferred.append(i)
         else:
             if kind in ("conj", "sub", ".") and deferred is not None:
-                out.extend(deferred)
+                for position in deferred:
+                    emit(position)
                 deferred = None
-            out.append(tgt[word])
+            emit(i)
             if kind == "sub":
                 deferred = []
         i += 1
-    if deferred:
-        out.extend(deferred)
+    for position in deferred or []:
+        emit(position)
+    return out, origin
+
+
+def gold_alignments(src_lines: list[str], lexicon: Lexicon, flip: bool = False) -> list[str]:
+    """Pharaoh ``i-j`` lines (source word i, target word j) of synthetic source lines and their
+    translations; ``flip`` gives ``j-i``, for the corpus read in the tgt -> src direction."""
+    out = []
+    for line in src_lines:
+        origin = translate_aligned(line.split(), lexicon)[1]
+        links = sorted((j, i) if flip else (i, j) for j, i in enumerate(origin))
+        out.append(" ".join(f"{a}-{b}" for a, b in links))
     return out
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from seq2seq.core.files import make_writable_dir
+from seq2seq.evaluation.attention_stats import ATTENTION_KEYS
 from seq2seq.evaluation.compare_runs import (
     SEARCH_RE,
     CompareError,
@@ -122,6 +123,10 @@ def make_group(label: str, runs: list[Run]) -> Group:
         metrics[f"bleu_len_{b.label}"] = mean_std([rep.buckets[i].bleu for rep in reports])  # type: ignore[union-attr]
     for key in ("num_parameters", "train_seconds", "tokens_per_s", "best_step"):
         metrics[key] = mean_std([r.stats.get(key) for r in runs])
+    for key in ATTENTION_KEYS:  # (None, None) for models without attention
+        metrics[f"attention_{key}"] = mean_std([(rep.attention or {}).get(key) for rep in reports])  # type: ignore[union-attr]
+    metrics["attention_aer"] = mean_std([((rep.attention or {}).get("alignment") or {}).get("aer")  # type: ignore[union-attr]
+                                         for rep in reports])
     return Group(label, runs, metrics, _mean_buckets(runs))
 
 

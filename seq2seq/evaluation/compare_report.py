@@ -66,9 +66,19 @@ def _delta(g: Group, c: Comparison) -> tuple[str, str]:
     return f"{p.delta:+.2f} [{p.ci.low:+.2f}, {p.ci.high:+.2f}]", shown
 
 
+ATTENTION_COLUMNS = {"entropy": "att. entropy", "pad_mass": "pad mass", "monotonicity": "monotonicity",
+                     "coverage_deviation": "coverage dev.", "aer": "AER"}
+
+
+def _attention_shown(c: Comparison) -> bool:
+    return any(g.metrics.get("attention_entropy", (None, None))[0] is not None for g in c.groups)
+
+
 def markdown_table(c: Comparison) -> str:
     buckets = bucket_columns(c)
+    attention = list(ATTENTION_COLUMNS) if _attention_shown(c) else []
     header = ["config", "runs", "BLEU", "chrF", *(f"BLEU {lb} (n={n})" for lb, n in buckets),
+              *(ATTENTION_COLUMNS[k] for k in attention),
               "params", "train time", "tok/s", "best step", "ΔBLEU [95% CI]", "p"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for g in c.groups:
@@ -76,6 +86,7 @@ def markdown_table(c: Comparison) -> str:
         params, seconds = m["num_parameters"][0], m["train_seconds"]
         row = [g.label, str(len(g.runs)), _pm(*m["bleu"]), _pm(*m["chrf"]),
                *(_pm(*m[f"bleu_len_{lb}"]) for lb, _ in buckets),
+               *(_pm(*m[f"attention_{k}"], digits=3) for k in attention),
                EMPTY if params is None else f"{round(params):,}",
                _duration(seconds[0]) + (f" ± {_duration(seconds[1])}" if seconds[1] is not None else ""),
                _pm(*m["tokens_per_s"], digits=0), _pm(*m["best_step"], digits=0), *_delta(g, c)]

@@ -24,13 +24,21 @@ from seq2seq.core.files import write_text_atomic
 from seq2seq.core.tracking import Tracker
 from seq2seq.data.cleaning import normalize
 from seq2seq.data.tokenizer import PAD_ID, Tokenizer
-from seq2seq.evaluation.metrics import bleu_by_length, bucket_labels, corpus_score
+from seq2seq.evaluation.alignment import alignment_score, attention_links, parse_links
+from seq2seq.evaluation.attention_stats import ATTENTION_KEYS, diagnose
+from seq2seq.evaluation.metrics import (
+    assign_buckets,
+    bleu_by_length,
+    bucket_labels,
+    corpus_score,
+    source_length,
+)
 from seq2seq.evaluation.report import EvalReport, unique_dir, write_report
 from seq2seq.model.devices import autocast_dtype, resolve_device
 from seq2seq.model.engine import Engine, build_engine, describe_engine
 from seq2seq.model.network import Seq2Seq, build_model, state_mismatch
 from seq2seq.search.common import search_label
-from seq2seq.search.translate import translate_ids
+from seq2seq.search.translate import attention_pass, translate_ids
 
 log = logging.getLogger(__name__)
 
@@ -98,68 +106,126 @@ def load_model(path: Path, device: Device = Device.auto, kernels: Kernels = Kern
     return LoadedModel(model, tokenizer, cfg, path, dev, autocast_dtype(cfg.trainer.precision, dev), engine)
 
 
+@dataclass
+class Decoded:
+    """A split's translations and what produced them (the lines that were not empty)."""
+
+    texts: list[str]  # one per input line; "" for an empty line
+    todo: list[int]  # the input lines that were translated
+    clean: list[str]  # their normalised text
+    src_ids: list[list[int]]
+    hyp_ids: list[list[int]]
+
+
+def decode_lines(loaded: LoadedModel, lines: list[str], search: SearchConfig) -> Decoded:
+    """Translate raw source lines; an empty (or all-space) line gives an empty line."""
+    normalised = [normalize(line)[0] for line in lines]
+    todo = [i for i, line in enumerate(normalised) if line]
+    clean = [normalised[i] for i in todo]
+    ids = loaded.tokenizer.encode_src(clean)
+    hyps = translate_ids(loaded.engine, ids, search, loaded.device, loaded.amp_dtype)
+    hyp_ids = [list(h.tokens) for h in hyps]
+    texts = [""] * len(lines)
+    for i, text in zip(todo, loaded.tokenizer.decode_tgt(hyp_ids)):
+        texts[i] = text
+    return Decoded(texts, todo, clean, [list(x) for x in ids], hyp_ids)
+
+
 def translate_lines(loaded: LoadedModel, lines: list[str], search: SearchConfig) -> list[str]:
     """Translate raw source lines; an empty (or all-space) line gives an empty line."""
-    clean = [normalize(line)[0] for line in lines]
-    todo = [i for i, line in enumerate(clean) if line]
-    ids = loaded.tokenizer.encode_src([clean[i] for i in todo])
-    hyps = translate_ids(loaded.engine, ids, search, loaded.device, loaded.amp_dtype)
-    out = [""] * len(lines)
-    for i, text in zip(todo, loaded.tokenizer.decode_tgt([h.tokens for h in hyps])):
-        out[i] = text
-    return out
+    return decode_lines(loaded, lines, search).texts
 
 
 def _heatmap(weights: torch.Tensor, src_pieces: list[str], hyp_pieces: list[str], title: str):
     from matplotlib.figure import Figure
 
     rows, cols = weights.shape
-    fig = Figure(figsize=(max(4.0, 0.35 * cols + 2), max(3.0, 0.35 * rows + 2)))
+    fig = Figure(figsize=(max(4.5, 0.35 * cols + 3), max(3.5, 0.35 * rows + 2.5)))
     ax = fig.add_subplot(1, 1, 1)
-    ax.imshow(weights.float().numpy(), cmap="viridis", aspect="auto", vmin=0.0, vmax=1.0)
+    image = ax.imshow(weights.float().numpy(), cmap="viridis", aspect="auto", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="attention weight")
     ax.set_xticks(range(cols), src_pieces, rotation=90, fontsize=7)
     ax.set_yticks(range(rows), hyp_pieces, fontsize=7)
     ax.set_xlabel("source")
     ax.set_ylabel("output")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=8, wrap=True)
     fig.tight_layout()
     return fig
 
 
-def write_heatmaps(loaded: LoadedModel, src_clean: list[str], out_dir: Path, count: int,
-                   tracker: Tracker | None, tag: str) -> list[Path]:
-    """Attention heatmaps (PNG, and TensorBoard images) for the first ``count`` sentences."""
-    if count <= 0 or not src_clean:
+def write_heatmaps(loaded: LoadedModel, decoded: Decoded, weights: list[torch.Tensor | None], search: SearchConfig,
+                   out_dir: Path, count: int, tracker: Tracker | None, tag: str) -> list[Path]:
+    """Attention heatmaps (PNG, and TensorBoard images) of the evaluation's own hypotheses
+    (greedy or beam), for its first ``count`` sentences of at most 25 words (readable pictures)."""
+    if count <= 0 or not weights or weights[0] is None:  # a model without attention has nothing to show
         return []
-    # Short sentences make readable pictures (and cheap ones): take the first that fit.
-    short = [s for s in src_clean if len(s.split()) <= 25]
-    chosen = (short or src_clean)[:count]
-    ids = loaded.tokenizer.encode_src(chosen)
-    hyps = translate_ids(loaded.engine, ids, SearchConfig(), loaded.device, keep_attention=True)
+    short = [k for k, line in enumerate(decoded.clean) if len(line.split()) <= 25]
+    chosen = (short or list(range(len(decoded.clean))))[:count]
     paths = []
-    for i, hyp in enumerate(hyps):
-        if hyp.attention is None:  # a model without attention has nothing to show
-            return []
-        src_pieces = [*loaded.tokenizer.src_pieces(chosen[i]), "</s>"]
-        hyp_pieces = [*loaded.tokenizer.tgt_pieces(hyp.tokens), "</s>"]
-        fig = _heatmap(hyp.attention[: len(hyp_pieces), : len(src_pieces)], src_pieces, hyp_pieces,
-                       f"{loaded.model.description}: sentence {i + 1}")
-        path = out_dir / f"attention_{i + 1}.png"
+    for n, k in enumerate(chosen, start=1):
+        src_pieces = [*loaded.tokenizer.src_pieces(decoded.clean[k]), "</s>"]
+        hyp_pieces = [*loaded.tokenizer.tgt_pieces(decoded.hyp_ids[k]), "</s>"]
+        hypothesis = decoded.texts[decoded.todo[k]]
+        shown = hypothesis if len(hypothesis) <= 90 else hypothesis[:87] + "..."
+        fig = _heatmap(weights[k][: len(hyp_pieces), : len(src_pieces)], src_pieces, hyp_pieces,
+                       f"{loaded.model.description}, {search_label(search)}: sentence {n}\n{shown}")
+        path = out_dir / f"attention_{n}.png"
         fig.savefig(path, dpi=100)
         paths.append(path)
         if tracker is not None:
-            tracker.image_file(f"{tag}/attention_{i + 1}", path, 0)
+            tracker.image_file(f"{tag}/attention_{n}", path, 0)
     return paths
+
+
+def reference_alignments(loaded: LoadedModel, decoded: Decoded, refs: list[str]) -> list[set[tuple[int, int]]]:
+    """Word alignments the model's attention gives each (source, reference) pair it is forced to
+    produce: the pairs of ``decoded.todo`` (seq2seq/evaluation/alignment.py)."""
+    clean_refs = [normalize(refs[i])[0] for i in decoded.todo]
+    ref_ids = [list(x) for x in loaded.tokenizer.encode_tgt(clean_refs)]
+    weights, _ = attention_pass(loaded.engine, decoded.src_ids, ref_ids, loaded.device, loaded.amp_dtype)
+    return [attention_links(w, loaded.tokenizer.src_pieces(src), loaded.tokenizer.tgt_pieces(ids))
+            for w, src, ids in zip(weights, decoded.clean, ref_ids)]
+
+
+def score_alignments(loaded: LoadedModel, decoded: Decoded, refs: list[str], raw_src: list[str], gold: list[str],
+                     edges: list[int], where: str) -> dict:
+    """Precision, recall and AER of the attention's word alignments against ``gold`` (a Pharaoh
+    line per sentence), over the set and per source-length bucket."""
+    parsed = [parse_links(gold[i], f"{where} line {i + 1}") for i in decoded.todo]
+    predicted = reference_alignments(loaded, decoded, refs)
+    buckets = assign_buckets([source_length(raw_src[i]) for i in decoded.todo], edges)
+    out = asdict(alignment_score(predicted, parsed))
+    out["buckets"] = []
+    for b, label in enumerate(bucket_labels(edges)):
+        rows = [k for k, x in enumerate(buckets) if x == b]
+        score = asdict(alignment_score([predicted[k] for k in rows], [parsed[k] for k in rows]))
+        out["buckets"].append({"label": label, **score})
+    return out
 
 
 def evaluate(loaded: LoadedModel, raw_src: list[str], refs: list[str], corpus: str, split: str,
              search: SearchConfig, eval_cfg: EvalConfig, out_base: Path, tracker: Tracker | None = None,
-             tag: str = "test", step: int = 0) -> tuple[EvalReport, Path]:
-    """Translate every line of a split, score it and write ``out_base[-N]/``; returns the report."""
+             tag: str = "test", step: int = 0, gold_alignments: list[str] | None = None,
+             gold_source: str = "the corpus") -> tuple[EvalReport, Path]:
+    """Translate every line of a split, score it and write ``out_base[-N]/``; returns the report.
+    With ``gold_alignments`` (a Pharaoh line per sentence) an attention model's alignments are
+    scored too (``report.json["attention"]["alignment"]``)."""
     if len(raw_src) != len(refs):
         raise ConfigError(f"{len(raw_src)} source lines but {len(refs)} reference lines; they must match")
-    hyps = translate_lines(loaded, raw_src, search)
+    decoded = decode_lines(loaded, raw_src, search)
+    hyps = decoded.texts
     score = corpus_score(hyps, refs)
+    # The attention of the hypotheses just produced (a teacher-forced pass over them): the
+    # diagnostics and the heatmaps show what this search saw.
+    weights, pad_mass = attention_pass(loaded.engine, decoded.src_ids, decoded.hyp_ids, loaded.device,
+                                       loaded.amp_dtype, max(1, search.batch_size))
+    diagnostics = None
+    if weights and weights[0] is not None:
+        diagnostics = diagnose(weights, pad_mass, [raw_src[i] for i in decoded.todo],
+                               list(eval_cfg.bucket_edges)).to_dict()
+        if gold_alignments is not None:
+            diagnostics["alignment"] = score_alignments(loaded, decoded, refs, raw_src, gold_alignments,
+                                                        list(eval_cfg.bucket_edges), gold_source)
     buckets = bleu_by_length(raw_src, hyps, refs, list(eval_cfg.bucket_edges), eval_cfg.bootstrap_samples,
                              eval_cfg.bootstrap_seed)
     cfg = loaded.cfg
@@ -170,14 +236,20 @@ def evaluate(loaded: LoadedModel, raw_src: list[str], refs: list[str], corpus: s
         score=score, buckets=buckets, num_sentences=len(hyps),
         bootstrap={"samples": eval_cfg.bootstrap_samples, "seed": eval_cfg.bootstrap_seed, "confidence": 0.95},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        attention=diagnostics,
     )
     out_dir = write_report(report, unique_dir(out_base), hyps)
     # The references travel with the hypotheses, so reports can be re-scored and compared later.
     write_text_atomic(out_dir / "refs.txt", "".join(f"{r}\n" for r in refs))
-    clean = [normalize(s)[0] for s in raw_src]
-    write_heatmaps(loaded, [s for s in clean if s], out_dir, eval_cfg.heatmaps, tracker, tag)
+    write_heatmaps(loaded, decoded, weights, search, out_dir, eval_cfg.heatmaps, tracker, tag)
     if tracker is not None:
         values = {f"{tag}/bleu": score.bleu, f"{tag}/chrf": score.chrf}
+        if diagnostics is not None:
+            values.update({f"{tag}/attention/{key}": diagnostics[key] for key in ATTENTION_KEYS
+                           if diagnostics[key] is not None})
+            if "alignment" in diagnostics:
+                values.update({f"{tag}/attention/{key}": diagnostics["alignment"][key]
+                               for key in ("precision", "recall", "aer")})
         values.update({f"{tag}/bleu_len_{b.label}": b.bleu for b in buckets if b.bleu is not None})
         tracker.scalars(values, step)
         tracker.image_file(f"{tag}/bleu_by_length", out_dir / "bleu_by_length.png", step)

@@ -28,7 +28,12 @@ report.json schema (``schema_version`` 1)::
         ...,
         {"label": "61+", "low": 61, "high": null, "count": 0,   # empty bucket: scores are null
          "bleu": null, "chrf": null, "length_ratio": null, "bleu_ci": null, "chrf_ci": null}
-      ]
+      ],
+      "attention": {                        # models with attention only (evaluation/attention_stats.py)
+        "sentences": 3003, "entropy": 1.21, "pad_mass": 0.0, "monotonicity": 0.87,
+        "coverage_deviation": 0.34,
+        "buckets": [{"label": "1-10", "sentences": 412, "entropy": 0.98, ...}, ...]
+      }
     }
 """
 
@@ -63,6 +68,7 @@ class EvalReport:
     num_sentences: int
     bootstrap: dict  # {"samples": 1000, "seed": 12345, "confidence": 0.95}
     created: str  # ISO timestamp
+    attention: dict | None = None  # AttentionDiagnostics.to_dict(); None for a model without attention
 
     def to_dict(self) -> dict:
         """The report.json document (see the module docstring)."""
@@ -80,6 +86,7 @@ class EvalReport:
             "score": asdict(self.score),
             "bootstrap": dict(self.bootstrap),
             "buckets": [asdict(b) for b in self.buckets],
+            **({"attention": self.attention} if self.attention is not None else {}),
         }
 
     @classmethod
@@ -110,6 +117,7 @@ class EvalReport:
                 num_sentences=d["num_sentences"],
                 bootstrap=dict(d["bootstrap"]),
                 created=d["created"],
+                attention=d.get("attention"),
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"report.json is malformed: {e}") from e
@@ -167,6 +175,34 @@ def _headline(report: EvalReport) -> list[str]:
     ]
 
 
+def _attention_line(report: EvalReport) -> list[str]:
+    a = report.attention
+    if a is None:
+        return []
+    lines = [f"Attention: entropy {_num(a['entropy'], 3)} nats/step, pad mass {_num(a['pad_mass'], 3)}, "
+             f"monotonicity {_num(a['monotonicity'], 3)}, coverage deviation {_num(a['coverage_deviation'], 3)}"]
+    g = a.get("alignment")
+    if g is not None:
+        lines.append(f"Alignment against gold (forced references): precision {g['precision']:.3f}, "
+                     f"recall {g['recall']:.3f}, AER {g['aer']:.3f}")
+    return lines
+
+
+def _attention_rows(report: EvalReport) -> list[list[str]]:
+    rows = []
+    attention = report.attention or {}
+    gold = {b["label"]: b for b in (attention.get("alignment") or {}).get("buckets", [])}
+    for b in attention.get("buckets", []):
+        aer = [] if not gold else [_num(gold[b["label"]]["aer"], 3) if gold[b["label"]]["sentences"] else EMPTY]
+        if not b["sentences"]:
+            rows.append([b["label"], "0", EMPTY, EMPTY, EMPTY, EMPTY, *aer])
+            continue
+        rows.append([b["label"], str(b["sentences"])] + [_num(b[k], 3) for k in
+                                                          ("entropy", "pad_mass", "monotonicity", "coverage_deviation")]
+                    + aer)
+    return rows
+
+
 def format_summary(report: EvalReport) -> str:
     """The headline scores and the per-bucket table as plain text for the terminal."""
     header = ["bucket", "sentences", f"BLEU [{_ci_label(report)}]", "chrF", "len ratio"]
@@ -179,7 +215,7 @@ def format_summary(report: EvalReport) -> str:
         ]
         return "  ".join(cells)
 
-    lines = _headline(report) + ["", "BLEU by source length (words):", fmt(header)]
+    lines = _headline(report) + _attention_line(report) + ["", "BLEU by source length (words):", fmt(header)]
     lines.append("  ".join("-" * w for w in widths))
     lines += [fmt(r) for r in rows[1:]]
     return "\n".join(lines) + "\n"
@@ -197,6 +233,16 @@ def _markdown(report: EvalReport) -> str:
     ]
     lines += ["| " + " | ".join(r) + " |" for r in _bucket_rows(report)]
     lines += ["", "![BLEU by source length](bleu_by_length.png)", ""]
+    if report.attention is not None:
+        lines += ["## Attention", "", *_attention_line(report), "",
+                  "Entropy of each step's weights (nats); pad mass: the largest weight any step put on padding "
+                  "(must be 0); monotonicity: share of steps whose most-attended source piece does not move "
+                  "left; coverage deviation: mean over source pieces of |total attention - 1|.", "",
+                  "| Bucket (words) | Sentences | Entropy | Pad mass | Monotonicity | Coverage deviation |"
+                  + (" AER |" if report.attention.get("alignment") else ""),
+                  "|---|---:|---:|---:|---:|---:|" + ("---:|" if report.attention.get("alignment") else "")]
+        lines += ["| " + " | ".join(r) + " |" for r in _attention_rows(report)]
+        lines.append("")
     return "\n".join(lines)
 
 

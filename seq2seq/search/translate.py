@@ -71,8 +71,18 @@ def attention_weights(engine: Engine, src_ids: Sequence[Sequence[int]], outputs:
     float32 (the rows include the step that writes EOS, the columns the source's EOS), from a
     teacher-forced pass over ``src_ids[i]`` and ``outputs[i]``; None for a model without
     attention. The outputs of a search give the weights that search saw, up to float rounding."""
+    return attention_pass(engine, src_ids, outputs, device, amp_dtype, batch_size)[0]
+
+
+@torch.no_grad()
+def attention_pass(engine: Engine, src_ids: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],
+                   device: torch.device, amp_dtype: torch.dtype | None = None, batch_size: int = 64
+                   ) -> tuple[list[torch.Tensor | None], list[float]]:
+    """``attention_weights``, and for each sentence the largest total weight any of its steps put
+    on the padded positions of its batch (which must be 0), measured before cutting them off."""
     engine.model.eval()
     found: list[torch.Tensor | None] = []
+    pad_mass: list[float] = []
     with _autocast(device, amp_dtype):
         for start in range(0, len(src_ids), batch_size):
             rows = range(start, min(start + batch_size, len(src_ids)))
@@ -81,7 +91,9 @@ def attention_weights(engine: Engine, src_ids: Sequence[Sequence[int]], outputs:
             for b in range(len(rows)):
                 if weights is None:
                     found.append(None)
+                    pad_mass.append(0.0)
                     continue
                 steps, width = int(batch.tgt_mask[b].sum()), int(batch.src_lengths[b])
                 found.append(weights[b, :steps, :width].float().cpu())
-    return found
+                pad_mass.append(float(weights[b, :steps, width:].float().sum(-1).max()) if steps else 0.0)
+    return found, pad_mass
