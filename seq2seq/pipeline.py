@@ -76,14 +76,21 @@ def warn_unused_keys(cfg: TrainConfig) -> None:
 
     att, default = cfg.model.attention, AttentionConfig()
     family = att.type.value
+    scored_after = att.type in (AttentionType.luong, AttentionType.local)
+
+    def shown(key: str) -> str:
+        value = getattr(att, key)
+        return f"model.attention.{key}={value.value if hasattr(value, 'value') else value}"
+
     unused = []
-    if att.type != AttentionType.luong:
-        unused += [f"model.attention.{key}={getattr(att, key).value if key == 'score' else getattr(att, key)}"
-                   for key in ("score", "input_feeding") if getattr(att, key) != getattr(default, key)]
-    additive = att.type == AttentionType.bahdanau or (att.type == AttentionType.luong and att.score == LuongScore.concat)
+    if not scored_after:
+        unused += [shown(key) for key in ("score", "input_feeding") if getattr(att, key) != getattr(default, key)]
+    if att.type != AttentionType.local:
+        unused += [shown(key) for key in ("mode", "window") if getattr(att, key) != getattr(default, key)]
+    additive = att.type == AttentionType.bahdanau or (scored_after and att.score == LuongScore.concat)
     if not additive and att.hidden_size != default.hidden_size:
         unused.append(f"model.attention.hidden_size={att.hidden_size}")
-        family = f"luong {att.score.value}" if att.type == AttentionType.luong else family
+        family = f"{att.type.value} {att.score.value}" if scored_after else family
     for key in unused:
         log.warning("%s does not apply to %s attention and is ignored", key, family)
 
@@ -172,8 +179,10 @@ def log_hparams(run_dir: Path, cfg: TrainConfig, summary: dict, reports: list[Ev
     """Hyperparameters and final metrics for TensorBoard's HParams dashboard."""
     m, a = cfg.model, cfg.model.attention
     hparams = {
-        "attention": a.type.value, "score": a.score.value if a.type.value == "luong" else "-",
-        "input_feeding": bool(a.input_feeding) if a.type.value == "luong" else False,
+        "attention": a.type.value, "score": a.score.value if a.type.value in ("luong", "local") else "-",
+        "input_feeding": bool(a.input_feeding) if a.type.value in ("luong", "local") else False,
+        "local_mode": a.mode.value if a.type.value == "local" else "-",
+        "local_window": a.window if a.type.value == "local" else 0,
         "heads": a.heads, "normalizer": a.normalizer.value,
         "embedding_size": m.embedding_size, "encoder_hidden_size": m.encoder_hidden_size,
         "decoder_hidden_size": m.decoder_hidden_size, "encoder_layers": m.encoder_layers,

@@ -10,6 +10,7 @@ from seq2seq.core.config import (
     AttentionConfig,
     AttentionType,
     Kernels,
+    LocalMode,
     LuongScore,
     ModelConfig,
     Normalizer,
@@ -29,6 +30,8 @@ class Spec(NamedTuple):
     feed: bool  # input feeding
     heads: int = 1
     normalizer: Normalizer = Normalizer.softmax
+    mode: LocalMode = LocalMode.monotonic
+    window: int = 3
 
 
 # name -> the attention; names follow ``model.describe``. The families the CPU kernels run, then
@@ -46,8 +49,15 @@ VARIANTS: dict[str, Spec] = {
     "bahdanau-h4": Spec(AttentionType.bahdanau, LuongScore.general, False, heads=4),
     "luong-general-h4-sparsemax": Spec(AttentionType.luong, LuongScore.general, False, 4, Normalizer.sparsemax),
     "bahdanau-entmax15": Spec(AttentionType.bahdanau, LuongScore.general, False, normalizer=Normalizer.entmax15),
+    "local-m3-general-feed": Spec(AttentionType.local, LuongScore.general, True),
+    "local-p2-dot": Spec(AttentionType.local, LuongScore.dot, False, mode=LocalMode.predictive, window=2),
+    "local-m2-concat": Spec(AttentionType.local, LuongScore.concat, False, window=2),
 }
-LAB = ["luong-scaled_dot-feed", "bahdanau-h4", "luong-general-h4-sparsemax", "bahdanau-entmax15"]
+LAB = ["luong-scaled_dot-feed", "bahdanau-h4", "luong-general-h4-sparsemax", "bahdanau-entmax15",
+       "local-m3-general-feed", "local-p2-dot", "local-m2-concat"]
+# local-p weighs its window by a Gaussian after normalising (Luong et al. 2015, eq. 10): its
+# weights sum to at most 1
+UNNORMALISED = ["local-p2-dot"]
 ATTENTIVE = [v for v in VARIANTS if v != "none"]
 KERNELS = ["fast", "reference"]  # the engines every model, gradient and search test runs on
 
@@ -62,7 +72,8 @@ def model_config(variant: str, **overrides) -> ModelConfig:
     v = VARIANTS[variant]
     fields = dict(embedding_size=16, encoder_hidden_size=12, decoder_hidden_size=24, dropout=0.0,
                   attention=AttentionConfig(type=v.kind, score=v.score, input_feeding=v.feed, hidden_size=16,
-                                            heads=v.heads, normalizer=v.normalizer))
+                                            heads=v.heads, normalizer=v.normalizer, mode=v.mode,
+                                            window=v.window))
     fields.update(overrides)
     return ModelConfig(**fields)
 
@@ -133,8 +144,9 @@ def reference_logits(model: Seq2Seq, batch: Batch) -> torch.Tensor:
     logits = []
     for t in range(batch.tgt_in.size(1)):
         emb = dec.embedding(batch.tgt_in[:, t]).unsqueeze(1)  # (B, 1, E)
+        positions = torch.full((batch.src.size(0), 1), t)  # the step, for local-m
         if dec.context_before_rnn:
-            context, _ = dec.attention(hidden[-1].unsqueeze(1), memory)
+            context, _ = dec.attention(hidden[-1].unsqueeze(1), memory, positions)
             rnn_in = torch.cat([emb, context], dim=-1)
         elif dec.input_feeding:
             rnn_in = torch.cat([emb, feed.unsqueeze(1)], dim=-1)
@@ -142,7 +154,7 @@ def reference_logits(model: Seq2Seq, batch: Batch) -> torch.Tensor:
             rnn_in = emb
         out, (hidden, cell) = dec.rnn(rnn_in, (hidden, cell))
         if not dec.context_before_rnn:
-            context, _ = dec.attention(out, memory)
+            context, _ = dec.attention(out, memory, positions)
         h_tilde = torch.tanh(dec.combine(torch.cat([out, context], dim=-1))).squeeze(1)
         feed = h_tilde
         logits.append(model.output_layer(h_tilde))

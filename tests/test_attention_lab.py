@@ -161,6 +161,8 @@ SHORT = ["experiment=smoke", "trainer.max_steps=12", "trainer.valid_every=6", "e
       "model.attention.normalizer=entmax15", "model.decoder_hidden_size=64", "model.encoder_hidden_size=32"],
      "luong-scaled_dot-feed-h4-entmax15"),
     (["model.attention.heads=2", "model.attention.normalizer=sparsemax"], "bahdanau-h2-sparsemax"),
+    (["model/attention=local", "model.attention.mode=predictive", "model.attention.window=4"],
+     "local-p4-general-feed"),
 ])
 def test_a_variant_trains_evaluates_and_translates(overrides, description, tmp_path, cache_dir):
     ok(run_cli("seq2seq-train", [*SHORT, *overrides], tmp_path, cache_dir))
@@ -181,3 +183,73 @@ def test_a_bad_combination_is_refused_before_anything_runs(tmp_path, cache_dir):
                    cache_dir)
     one_line_error(proc, "model.attention.heads=2 needs an attention")
     assert not (tmp_path / "outputs").exists()
+
+
+# ----------------------------------------------------------------------------- local attention
+
+
+def local(window: int, predictive: bool = False, score: str = "general"):
+    from seq2seq.model.attention import LocalAttention
+
+    scorer = (AdditiveAttention(8, 8, hidden_size=6) if score == "concat"
+              else MultiplicativeAttention(8, 8, general=score == "general", scaled=score == "scaled_dot"))
+    return LocalAttention(scorer, window, predictive)
+
+
+def test_local_m_weighs_only_the_window_around_each_step():
+    torch.manual_seed(0)
+    module = local(window=1)
+    mem = memory(b=2, s=6, dtype=torch.float32)  # row 0 has 3 real positions, row 1 six
+    t = 5
+    positions = torch.arange(t).expand(2, t)
+    weights = module(torch.randn(2, t, 8), mem, positions).weights
+    for b, length in ((0, 3), (1, 6)):
+        for step in range(t):
+            centre = min(step, length - 1)  # p_t = t, inside the sentence
+            inside = [s for s in range(6) if abs(s - centre) <= 1 and s < length]
+            outside = [s for s in range(6) if s not in inside]
+            assert (weights[b, step, outside] == 0).all()
+            assert (weights[b, step, inside] > 0).all()
+            assert weights[b, step].sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("score", ["general", "scaled_dot", "concat"])
+def test_a_window_covering_the_sentence_is_global_attention(score):
+    torch.manual_seed(1)
+    module = local(window=20, score=score)
+    raw = memory(dtype=torch.float32)
+    mem = module.prepare(type("Enc", (), {"outputs": raw.values, "mask": raw.mask})())
+    query = torch.randn(2, 4, 8)
+    got = module(query, mem, torch.arange(4).expand(2, 4))
+    want = module.scorer(query, mem)
+    torch.testing.assert_close(got.weights, want.weights)
+    torch.testing.assert_close(got.context, want.context)
+
+
+def test_local_p_centres_a_gaussian_on_its_predicted_position_and_learns_it():
+    torch.manual_seed(2)
+    module = local(window=2, predictive=True).double()
+    mem = memory()
+    query = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    out = module(query, mem)
+    assert (out.weights.sum(-1) <= 1 + 1e-9).all()  # eq. 10: the Gaussian is not renormalised
+    out.context.sum().backward()
+    assert module.position_proj.weight.grad.abs().sum() > 0  # p_t is trained through the Gaussian
+    assert torch.autograd.gradcheck(lambda q: module(q, mem).context, (query.detach().requires_grad_(),))
+
+
+def test_local_m_passes_gradcheck():
+    module = local(window=1).double()
+    mem = memory()
+    query = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q: module(q, mem, torch.arange(3).expand(2, 3)).context, (query,))
+
+
+@pytest.mark.parametrize("attention, fragment", [
+    (dict(type=AttentionType.local, window=0), "model.attention.window must be a positive integer"),
+    (dict(type=AttentionType.local, heads=2), "model.attention.heads=2 does not combine with local attention"),
+])
+def test_local_refusals(attention, fragment):
+    with pytest.raises(ConfigError) as err:
+        check_model_config(lab_config(**attention))
+    assert fragment in str(err.value)

@@ -14,6 +14,7 @@ from helpers_model import (
     FIRST_WORD,
     SRC_VOCAB,
     TGT_VOCAB,
+    UNNORMALISED,
     VARIANTS,
     engine_of,
     logits_of,
@@ -33,6 +34,7 @@ from seq2seq.core.config import (
     DataConfig,
     Device,
     LuongScore,
+    Normalizer,
     SearchConfig,
     SyntheticConfig,
     TokenizerConfig,
@@ -42,7 +44,12 @@ from seq2seq.core.config import (
 from seq2seq.core.errors import ConfigError
 from seq2seq.data.tokenizer import PAD_ID
 from seq2seq.model import fast
-from seq2seq.model.attention import AdditiveAttention, MultiplicativeAttention, NoAttention
+from seq2seq.model.attention import (
+    AdditiveAttention,
+    LocalAttention,
+    MultiplicativeAttention,
+    NoAttention,
+)
 from seq2seq.model.encoder import EncoderOutput
 from seq2seq.model.network import build_model, describe
 
@@ -72,6 +79,9 @@ def test_builds_the_named_variant(variant):
     kind, score, feed = VARIANTS[variant][:3]
     assert model.description == variant == describe(model_config(variant))
     attention = model.decoder.attention
+    if kind == AttentionType.local:  # a window around any global score
+        assert isinstance(attention, LocalAttention) and attention.window == VARIANTS[variant].window
+        attention = attention.scorer
     if kind == AttentionType.none:
         assert isinstance(attention, NoAttention)
     elif kind == AttentionType.bahdanau or score == LuongScore.concat:
@@ -79,10 +89,11 @@ def test_builds_the_named_variant(variant):
     else:
         assert isinstance(attention, MultiplicativeAttention)
     assert model.decoder.input_feeding == feed
-    # Bahdanau and no attention feed the context before the LSTM; Luong after.
-    assert model.decoder.context_before_rnn == (kind != AttentionType.luong)
+    # Bahdanau and no attention feed the context before the LSTM; Luong (and local) after.
+    after = kind in (AttentionType.luong, AttentionType.local)
+    assert model.decoder.context_before_rnn == (not after)
     # The parallel teacher-forced path exists exactly when no step waits for an earlier one.
-    assert model.decoder.parallel == (kind == AttentionType.none or (kind == AttentionType.luong and not feed))
+    assert model.decoder.parallel == (kind == AttentionType.none or (after and not feed))
 
 
 @pytest.mark.parametrize("layers", [1, 2])
@@ -153,9 +164,14 @@ def test_forward_shapes_and_finite_gradients_for_every_parameter(variant, force_
 # ----------------------------------------------------------------------------- attention weights
 
 
-def _check_weights(weights: torch.Tensor, src_mask: torch.Tensor, positive: bool = True) -> None:
-    """(B, T, S) weights: rows sum to 1 and are exactly 0.0 at padded source positions."""
-    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:2]), atol=1e-5, rtol=0)
+def _check_weights(weights: torch.Tensor, src_mask: torch.Tensor, positive: bool = True,
+                   normalised: bool = True) -> None:
+    """(B, T, S) weights: rows sum to 1 (at most 1 unless ``normalised``) and are exactly 0.0 at
+    padded source positions."""
+    if normalised:
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:2]), atol=1e-5, rtol=0)
+    else:
+        assert (weights.sum(-1) <= 1 + 1e-5).all() and (weights.sum(-1) > 0).all()
     pad = (~src_mask).unsqueeze(1).expand_as(weights)
     assert pad.any()
     assert (weights[pad] == 0.0).all()
@@ -167,11 +183,15 @@ def _check_weights(weights: torch.Tensor, src_mask: torch.Tensor, positive: bool
 def test_attention_sums_to_one_and_is_zero_at_padding(variant, kernels):
     model = make_model(variant)
     batch = batch3()
+    # softmax over every position gives each some weight; sparse normalizers and windows do not
+    spec = VARIANTS[variant]
+    check = dict(positive=spec.normalizer == Normalizer.softmax and spec.kind != AttentionType.local,
+                 normalised=variant not in UNNORMALISED)
     with torch.no_grad():
-        _check_weights(engine_of(model, kernels).forward(batch).attention, batch.src_mask)
-        _check_weights(engine_of(model, kernels).forward(batch, force_steps=True).attention, batch.src_mask)
+        _check_weights(engine_of(model, kernels).forward(batch).attention, batch.src_mask, **check)
+        _check_weights(engine_of(model, kernels).forward(batch, force_steps=True).attention, batch.src_mask, **check)
         _, step_attention = stepwise_logits(model, batch, kernels)
-    _check_weights(torch.stack(step_attention, dim=1), batch.src_mask)
+    _check_weights(torch.stack(step_attention, dim=1), batch.src_mask, **check)
 
 
 def test_attention_stays_zero_at_padding_with_huge_scores():

@@ -45,6 +45,12 @@ class AttentionType(str, Enum):
     none = "none"
     bahdanau = "bahdanau"
     luong = "luong"
+    local = "local"  # Luong et al. 2015, 3.2: a window of 2D+1 source positions per step
+
+
+class LocalMode(str, Enum):
+    monotonic = "monotonic"  # local-m: the window is centred on p_t = t
+    predictive = "predictive"  # local-p: p_t = S sigmoid(v_p^T tanh(W_p h_t)), Gaussian sigma = D/2
 
 
 class LuongScore(str, Enum):
@@ -161,6 +167,8 @@ class AttentionConfig:
     hidden_size: int = 512  # size of the additive (bahdanau / concat) scoring layer
     heads: int = 1  # heads over split projections (multi-head attention over the encoder states)
     normalizer: Normalizer = Normalizer.softmax
+    mode: LocalMode = LocalMode.monotonic  # local only
+    window: int = 10  # local only: D, the window is [p_t - D, p_t + D]
 
 
 @dataclass

@@ -54,7 +54,12 @@ def read(weights: torch.Tensor, memory: AttentionMemory) -> torch.Tensor:
 def normalize(scores: torch.Tensor, mask: torch.Tensor, normalizer: Normalizer) -> torch.Tensor:
     """Weights from scores (..., T, S) over the last axis, in float32, exactly 0 at padding
     (``mask`` (B, S) broadcast over the middle axes)."""
-    keep = mask.view(mask.size(0), *([1] * (scores.dim() - 2)), mask.size(1))
+    return normalize_where(scores, mask.view(mask.size(0), *([1] * (scores.dim() - 2)), mask.size(1)), normalizer)
+
+
+def normalize_where(scores: torch.Tensor, keep: torch.Tensor, normalizer: Normalizer) -> torch.Tensor:
+    """``normalize`` with ``keep`` (True where a position may be attended) broadcastable to
+    ``scores``; every row must keep at least one position."""
     dtype = torch.promote_types(scores.dtype, torch.float32)  # float32, or float64 in gradcheck
     if normalizer == Normalizer.softmax:
         return torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1, dtype=dtype)
@@ -87,9 +92,11 @@ def read_heads(weights: torch.Tensor, memory: AttentionMemory) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Base class. ``query_free`` attention ignores the query (so the decoder may run in parallel)."""
+    """Base class. ``query_free`` attention ignores the query (so the decoder may run in parallel);
+    ``needs_positions`` attention reads each query's target position (``forward``'s ``positions``)."""
 
     query_free = False
+    needs_positions = False
 
     def __init__(self, query_size: int, value_size: int, heads: int = 1,
                  normalizer: Normalizer = Normalizer.softmax) -> None:
@@ -107,8 +114,10 @@ class Attention(nn.Module):
     def prepare(self, enc: EncoderOutput) -> AttentionMemory:
         raise NotImplementedError
 
-    def forward(self, query: torch.Tensor, memory: AttentionMemory) -> AttentionResult:
-        """Attention for (B, T, Q) queries against a memory of B rows."""
+    def forward(self, query: torch.Tensor, memory: AttentionMemory,
+                positions: torch.Tensor | None = None) -> AttentionResult:
+        """Attention for (B, T, Q) queries against a memory of B rows; ``positions`` (B, T): the
+        target position (0-based step) of each query, for the attentions that need it."""
         raise NotImplementedError
 
 
@@ -123,7 +132,8 @@ class NoAttention(Attention):
         mask = torch.ones(summary.shape[:2], dtype=torch.bool, device=summary.device)
         return AttentionMemory(keys=summary, values=summary, mask=mask)
 
-    def forward(self, query: torch.Tensor, memory: AttentionMemory) -> AttentionResult:
+    def forward(self, query: torch.Tensor, memory: AttentionMemory,
+                positions: torch.Tensor | None = None) -> AttentionResult:
         b, t = query.shape[:2]
         return AttentionResult(context=memory.values.expand(b, t, -1), weights=None)
 
@@ -144,7 +154,8 @@ class AdditiveAttention(Attention):
     def prepare(self, enc: EncoderOutput) -> AttentionMemory:
         return AttentionMemory(keys=self.key_proj(enc.outputs), values=enc.outputs, mask=enc.mask)
 
-    def forward(self, query: torch.Tensor, memory: AttentionMemory) -> AttentionResult:
+    def forward(self, query: torch.Tensor, memory: AttentionMemory,
+                positions: torch.Tensor | None = None) -> AttentionResult:
         # (B, T, 1, A) + (B, 1, S, A): every query against every key
         energies = torch.tanh(self.query_proj(query).unsqueeze(2) + memory.keys.unsqueeze(1))
         if self.heads == 1:
@@ -181,7 +192,8 @@ class MultiplicativeAttention(Attention):
     def prepare(self, enc: EncoderOutput) -> AttentionMemory:
         return AttentionMemory(keys=self.key_proj(enc.outputs), values=enc.outputs, mask=enc.mask)
 
-    def forward(self, query: torch.Tensor, memory: AttentionMemory) -> AttentionResult:
+    def forward(self, query: torch.Tensor, memory: AttentionMemory,
+                positions: torch.Tensor | None = None) -> AttentionResult:
         if self.heads == 1:
             scores = torch.bmm(query, memory.keys.transpose(1, 2).to(query.dtype))  # (B, T, S)
             if self.scaled:
@@ -195,3 +207,103 @@ class MultiplicativeAttention(Attention):
             scores = scores / math.sqrt(q.size(-1))
         weights = normalize(scores, memory.mask, self.normalizer)
         return AttentionResult(context=read_heads(weights, memory), weights=weights.mean(1))
+
+
+class LocalAttention(Attention):
+    """Local attention (Luong et al. 2015, section 3.2): step t scores only the 2D+1 source
+    positions of the window [p_t - D, p_t + D] (those inside the sentence), so a step's time
+    and memory do not grow with the source length.
+
+    - ``monotonic`` (local-m): p_t = t, the target position, assuming a roughly monotone alignment.
+    - ``predictive`` (local-p): p_t = S sigmoid(v_p^T tanh(W_p h_t)) with S the source length, and
+      the weights are multiplied by exp(-(s - p_t)^2 / (2 sigma^2)), sigma = D / 2, favouring
+      positions near p_t (eq. 10; as in the paper, not renormalised, so a step's weights sum to
+      at most 1).
+
+    ``scorer`` gives the score of a query against the window's keys: the module of any global
+    score (``dot``, ``general``, ``scaled_dot``, ``concat``), whose parameters it uses. The weights
+    returned are placed in a (B, T, S) tensor, exactly 0 outside the window. A single step (search,
+    the input-feeding loop) gathers its window's keys and values, so its cost does not grow with
+    the source; many dot-product queries at once take the band of one score matmul (``_banded``).
+    """
+
+    needs_positions = True
+
+    def __init__(self, scorer: AdditiveAttention | MultiplicativeAttention, window: int, predictive: bool) -> None:
+        super().__init__(scorer.query_size, scorer.value_size, 1, scorer.normalizer)
+        self.scorer = scorer
+        self.window = window
+        self.predictive = predictive
+        if predictive:
+            self.position_proj = nn.Linear(scorer.query_size, scorer.query_size, bias=False)  # W_p
+            self.position_score = nn.Linear(scorer.query_size, 1, bias=False)  # v_p
+
+    @property
+    def standard(self) -> bool:
+        return False
+
+    def prepare(self, enc: EncoderOutput) -> AttentionMemory:
+        return self.scorer.prepare(enc)
+
+    def _scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Scores (B, T, W) of queries (B, T, Q) against their windows' keys (B, T, W, K)."""
+        scorer = self.scorer
+        if isinstance(scorer, AdditiveAttention):
+            energies = torch.tanh(scorer.query_proj(query).unsqueeze(2) + keys)
+            return scorer.energy(energies).squeeze(-1)
+        scores = (query.unsqueeze(2) * keys.to(query.dtype)).sum(-1)
+        return scores / math.sqrt(query.size(-1)) if scorer.scaled else scores
+
+    def forward(self, query: torch.Tensor, memory: AttentionMemory,
+                positions: torch.Tensor | None = None) -> AttentionResult:
+        b, t, _ = query.shape
+        s = memory.mask.size(1)
+        lengths = memory.mask.sum(1).view(b, 1)  # (B, 1) real source positions, EOS included
+        if self.predictive:
+            raw = self.position_score(torch.tanh(self.position_proj(query))).squeeze(-1)
+            gate = torch.sigmoid(raw.to(torch.promote_types(raw.dtype, torch.float32)))  # p_t in float32
+            aligned = lengths.to(gate.dtype) * gate  # (B, T) real-valued p_t in [0, S]
+            centre = aligned.detach().round().long()
+        else:
+            if positions is None:
+                raise ValueError("monotonic local attention needs the target positions")
+            centre = positions.to(lengths.device).long()
+            aligned = None
+        centre = torch.minimum(centre, lengths - 1)
+        if t > 1 and isinstance(self.scorer, MultiplicativeAttention):
+            return self._banded(query, memory, centre, lengths, aligned)
+        offsets = torch.arange(-self.window, self.window + 1, device=query.device)
+        index = centre.unsqueeze(-1) + offsets  # (B, T, W)
+        inside = (index >= 0) & (index < lengths.unsqueeze(-1))
+        index = index.clamp(0, s - 1)
+        flat = index.view(b, t * offsets.numel())
+
+        def gather(x: torch.Tensor) -> torch.Tensor:
+            picked = x.gather(1, flat.unsqueeze(-1).expand(-1, -1, x.size(-1)))
+            return picked.view(b, t, offsets.numel(), x.size(-1))
+
+        weights = normalize_where(self._scores(query, gather(memory.keys)), inside, self.normalizer)
+        if aligned is not None:
+            sigma = self.window / 2
+            weights = weights * torch.exp(-((index.to(aligned.dtype) - aligned.unsqueeze(-1)) ** 2) / (2 * sigma**2))
+        values = gather(memory.values)
+        context = torch.matmul(weights.unsqueeze(2).to(values.dtype), values).squeeze(2)  # (B, T, D)
+        full = weights.new_zeros(b, t, s).scatter_add_(2, index, weights * inside)
+        return AttentionResult(context=context, weights=full)
+
+    def _banded(self, query: torch.Tensor, memory: AttentionMemory, centre: torch.Tensor, lengths: torch.Tensor,
+                aligned: torch.Tensor | None) -> AttentionResult:
+        """Many queries at once with a dot-product score (the parallel training pass): the band
+        of one (B, T, S) score matmul, the rest masked to exactly 0. Gathering each query's
+        window of keys would hold (B, T, 2D+1, K) numbers, more than the (B, T, S) scores
+        unless S > (2D+1) K; the weights and contexts are the same."""
+        scores = torch.bmm(query, memory.keys.transpose(1, 2).to(query.dtype))  # (B, T, S)
+        if self.scorer.scaled:
+            scores = scores / math.sqrt(query.size(-1))
+        position = torch.arange(scores.size(-1), device=query.device)
+        keep = ((position - centre.unsqueeze(-1)).abs() <= self.window) & (position < lengths.unsqueeze(-1))
+        weights = normalize_where(scores, keep, self.normalizer)
+        if aligned is not None:
+            sigma = self.window / 2
+            weights = weights * torch.exp(-((position.to(aligned.dtype) - aligned.unsqueeze(-1)) ** 2) / (2 * sigma**2))
+        return AttentionResult(context=read(weights, memory), weights=weights)

@@ -28,10 +28,13 @@ class DecoderState(NamedTuple):
     hidden: torch.Tensor  # (L, B, H)
     cell: torch.Tensor  # (L, B, H) float32
     feed: torch.Tensor  # (B, P) previous attentional state h~ (zeros before the first step)
+    # (B,) int64 target position of the next step, for attentions that read it (local-m); else None
+    step: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> DecoderState:
         return DecoderState(self.hidden.index_select(1, index), self.cell.index_select(1, index),
-                            self.feed.index_select(0, index))
+                            self.feed.index_select(0, index),
+                            None if self.step is None else self.step.index_select(0, index))
 
 
 class DecoderOutput(NamedTuple):
@@ -82,7 +85,8 @@ class Decoder(nn.Module):
         hidden = torch.tanh(init[:, 0]).transpose(0, 1).contiguous()  # (L, B, H)
         cell = init[:, 1].transpose(0, 1).float().contiguous()  # (L, B, H), float32 (see lstm_cell)
         feed = summary.new_zeros(b, self.output_size)
-        return DecoderState(hidden, cell, feed)
+        step = torch.zeros(b, dtype=torch.long, device=summary.device) if self.attention.needs_positions else None
+        return DecoderState(hidden, cell, feed, step)
 
     def attentional(self, rnn_out: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """h~ = tanh(W_c [h; c]), (..., P) float32."""
@@ -104,14 +108,18 @@ class Decoder(nn.Module):
             x = h
         return torch.stack(hs), torch.stack(cs)
 
-    def attend(self, query: torch.Tensor, memory: AttentionMemory) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention for one step's queries (N, Q): context (N, D) and weights (N, S) or None.
+    def attend(self, query: torch.Tensor, memory: AttentionMemory, positions: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention for one step's queries (N, Q): context (N, D) and weights (N, S) or None;
+        ``positions`` (N,): each query's target position, for the attentions that read it.
 
         The memory may hold fewer rows than there are queries: N = G x its B rows, the G queries of
         memory row b being rows b*G .. b*G+G-1 (beam search's K beams of one sentence). They attend
         as G queries of one row, so the source is read once per sentence, not once per beam."""
         rows = memory.mask.size(0)
-        context, weights = self.attention(query.view(rows, query.size(0) // rows, -1), memory)
+        group = query.size(0) // rows
+        context, weights = self.attention(query.view(rows, group, -1), memory,
+                                          None if positions is None else positions.view(rows, group))
         return (context.reshape(query.size(0), -1),
                 None if weights is None else weights.reshape(query.size(0), -1))
 
@@ -120,14 +128,15 @@ class Decoder(nn.Module):
         """One step from the embedded previous word ``emb`` (B, E): h~ (B, P), the new state and
         the attention weights (B, S) or None."""
         if self.context_before_rnn:
-            context, weights = self.attend(state.hidden[-1], memory)  # from the previous state
+            context, weights = self.attend(state.hidden[-1], memory, state.step)  # from the previous state
             hidden, cell = self.rnn_step(torch.cat([emb, context.to(emb.dtype)], dim=-1), state)
         else:
             x = torch.cat([emb, state.feed.to(emb.dtype)], dim=-1) if self.input_feeding else emb
             hidden, cell = self.rnn_step(x, state)
-            context, weights = self.attend(hidden[-1], memory)  # from the current state
+            context, weights = self.attend(hidden[-1], memory, state.step)  # from the current state
         h_tilde = self.attentional(hidden[-1], context)
-        return h_tilde, DecoderState(hidden, cell, h_tilde), weights
+        step = None if state.step is None else state.step + 1
+        return h_tilde, DecoderState(hidden, cell, h_tilde, step), weights
 
     def forward_parallel(self, tgt_in: torch.Tensor, state: DecoderState, memory: AttentionMemory) -> DecoderOutput:
         """Teacher-forced pass over the whole target at once (``parallel`` decoders)."""
@@ -140,7 +149,10 @@ class Decoder(nn.Module):
             rnn_in = emb
         out, _ = self.rnn(rnn_in, (state.hidden, state.cell.to(state.hidden.dtype)))  # (B, T, H)
         if not self.context_before_rnn:
-            context, weights = self.attention(out, memory)  # all T queries in one batched matmul
+            positions = None
+            if state.step is not None:  # every query's target position: t = start + 0 .. T-1
+                positions = state.step.unsqueeze(1) + torch.arange(tgt_in.size(1), device=tgt_in.device)
+            context, weights = self.attention(out, memory, positions)  # all T queries in one batched matmul
         h_tilde = self.dropout(self.attentional(out, context))
         return DecoderOutput(hidden=h_tilde, attention=weights, logits=None)
 

@@ -16,13 +16,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from seq2seq.core.config import AttentionType, LuongScore, ModelConfig, Normalizer
+from seq2seq.core.config import AttentionType, LocalMode, LuongScore, ModelConfig, Normalizer
 from seq2seq.core.errors import ConfigError
 from seq2seq.data.batching import Batch
 from seq2seq.model.attention import (
     AdditiveAttention,
     Attention,
     AttentionMemory,
+    LocalAttention,
     MultiplicativeAttention,
     NoAttention,
 )
@@ -90,6 +91,9 @@ def describe(cfg: ModelConfig) -> str:
     att = cfg.attention
     if att.type == AttentionType.luong:
         name = f"luong-{att.score.value}" + ("-feed" if att.input_feeding else "")
+    elif att.type == AttentionType.local:  # local-m / local-p, Luong et al.'s names
+        name = (f"local-{'m' if att.mode == LocalMode.monotonic else 'p'}{att.window}-{att.score.value}"
+                + ("-feed" if att.input_feeding else ""))
     else:
         name = att.type.value
     if att.type != AttentionType.none:
@@ -115,7 +119,8 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.dropout must be in [0, 1) (got {cfg.dropout})")
     att = cfg.attention
     dot = att.score in (LuongScore.dot, LuongScore.scaled_dot)
-    if att.type == AttentionType.luong and dot and cfg.decoder_hidden_size != 2 * cfg.encoder_hidden_size:
+    scored_after = att.type in (AttentionType.luong, AttentionType.local)
+    if scored_after and dot and cfg.decoder_hidden_size != 2 * cfg.encoder_hidden_size:
         raise ConfigError(
             f"model.attention.score={att.score.value} needs model.decoder_hidden_size == 2 x "
             f"model.encoder_hidden_size ({cfg.decoder_hidden_size} != {2 * cfg.encoder_hidden_size}); "
@@ -123,6 +128,12 @@ def check_model_config(cfg: ModelConfig) -> None:
         )
     if att.heads < 1:
         raise ConfigError(f"model.attention.heads must be a positive integer (got {att.heads})")
+    if att.type == AttentionType.local:
+        if att.window < 1:
+            raise ConfigError(f"model.attention.window must be a positive integer (got {att.window})")
+        if att.heads > 1:
+            raise ConfigError(f"model.attention.heads={att.heads} does not combine with local attention (one "
+                              "window per step); use heads=1, or global attention (model/attention=luong)")
     if att.type == AttentionType.none:
         for key, value, default in (("heads", att.heads, 1), ("normalizer", att.normalizer, Normalizer.softmax)):
             if value != default:
@@ -147,11 +158,16 @@ def build_attention(cfg: ModelConfig, query_size: int, value_size: int) -> Atten
     att = cfg.attention
     if att.type == AttentionType.none:
         return NoAttention(query_size, value_size)
+    scorer: AdditiveAttention | MultiplicativeAttention
     if att.type == AttentionType.bahdanau or att.score == LuongScore.concat:
-        return AdditiveAttention(query_size, value_size, att.hidden_size, att.heads, att.normalizer)
-    return MultiplicativeAttention(query_size, value_size, general=att.score == LuongScore.general,
-                                   scaled=att.score == LuongScore.scaled_dot, heads=att.heads,
-                                   normalizer=att.normalizer)
+        scorer = AdditiveAttention(query_size, value_size, att.hidden_size, att.heads, att.normalizer)
+    else:
+        scorer = MultiplicativeAttention(query_size, value_size, general=att.score == LuongScore.general,
+                                         scaled=att.score == LuongScore.scaled_dot, heads=att.heads,
+                                         normalizer=att.normalizer)
+    if att.type == AttentionType.local:
+        return LocalAttention(scorer, att.window, predictive=att.mode == LocalMode.predictive)
+    return scorer
 
 
 def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, pad_id: int) -> Seq2Seq:
@@ -162,7 +178,7 @@ def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, pad_
     # With tied embeddings the output layer reuses the target embedding matrix, so h~ must have
     # the embedding's size.
     output_size = cfg.embedding_size if cfg.tie_embeddings else cfg.decoder_hidden_size
-    is_luong = cfg.attention.type == AttentionType.luong
+    is_luong = cfg.attention.type in (AttentionType.luong, AttentionType.local)  # scored after the LSTM step
     decoder = Decoder(
         vocab_size=tgt_vocab_size,
         embedding_size=cfg.embedding_size,

@@ -51,7 +51,8 @@ class _Rows(NamedTuple):
     def slice(self, start: int, stop: int) -> _Rows:
         return _Rows(self.ids[start:stop], self.limit[start:stop],
                      DecoderState(self.state.hidden[:, start:stop], self.state.cell[:, start:stop],
-                                  self.state.feed[start:stop]),
+                                  self.state.feed[start:stop],
+                                  None if self.state.step is None else self.state.step[start:stop]),
                      AttentionMemory(*(t[start:stop] for t in self.memory[:3])))
 
 
@@ -71,7 +72,8 @@ def _concat(parts: list[_Rows]) -> _Rows:
     return _Rows(torch.cat([p.ids for p in parts]), torch.cat([p.limit for p in parts]),
                  DecoderState(torch.cat([p.state.hidden for p in parts], dim=1),
                               torch.cat([p.state.cell for p in parts], dim=1),
-                              torch.cat([p.state.feed for p in parts])),
+                              torch.cat([p.state.feed for p in parts]),
+                              None if parts[0].state.step is None else torch.cat([p.state.step for p in parts])),
                  AttentionMemory(*(torch.cat([m[i] for m in memories]) for i in range(3))))
 
 
@@ -171,6 +173,8 @@ def _copy_state(dest: DecoderState, rows: torch.Tensor, src: DecoderState) -> No
     bf16 from the bridge under autocast, float32 from the LSTM cell)."""
     for axis, d, s in ((1, dest.hidden, src.hidden), (1, dest.cell, src.cell), (0, dest.feed, src.feed)):
         d.index_copy_(axis, rows, s.to(d.dtype))
+    if dest.step is not None:
+        dest.step.index_copy_(0, rows, src.step)
 
 
 class _GreedyPool(_Sentences):
