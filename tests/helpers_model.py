@@ -32,6 +32,7 @@ class Spec(NamedTuple):
     normalizer: Normalizer = Normalizer.softmax
     mode: LocalMode = LocalMode.monotonic
     window: int = 3
+    coverage: bool = False
 
 
 # name -> the attention; names follow ``model.describe``. The families the CPU kernels run, then
@@ -52,9 +53,11 @@ VARIANTS: dict[str, Spec] = {
     "local-m3-general-feed": Spec(AttentionType.local, LuongScore.general, True),
     "local-p2-dot": Spec(AttentionType.local, LuongScore.dot, False, mode=LocalMode.predictive, window=2),
     "local-m2-concat": Spec(AttentionType.local, LuongScore.concat, False, window=2),
+    "bahdanau-cov": Spec(AttentionType.bahdanau, LuongScore.general, False, coverage=True),
+    "luong-concat-cov": Spec(AttentionType.luong, LuongScore.concat, False, coverage=True),
 }
 LAB = ["luong-scaled_dot-feed", "bahdanau-h4", "luong-general-h4-sparsemax", "bahdanau-entmax15",
-       "local-m3-general-feed", "local-p2-dot", "local-m2-concat"]
+       "local-m3-general-feed", "local-p2-dot", "local-m2-concat", "bahdanau-cov", "luong-concat-cov"]
 # local-p weighs its window by a Gaussian after normalising (Luong et al. 2015, eq. 10): its
 # weights sum to at most 1
 UNNORMALISED = ["local-p2-dot"]
@@ -73,7 +76,7 @@ def model_config(variant: str, **overrides) -> ModelConfig:
     fields = dict(embedding_size=16, encoder_hidden_size=12, decoder_hidden_size=24, dropout=0.0,
                   attention=AttentionConfig(type=v.kind, score=v.score, input_feeding=v.feed, hidden_size=16,
                                             heads=v.heads, normalizer=v.normalizer, mode=v.mode,
-                                            window=v.window))
+                                            window=v.window, coverage=v.coverage))
     fields.update(overrides)
     return ModelConfig(**fields)
 
@@ -140,13 +143,14 @@ def reference_logits(model: Seq2Seq, batch: Batch) -> torch.Tensor:
     dec = model.decoder
     encoded = model.encode(batch.src, batch.src_lengths, batch.src_mask)
     memory, state = encoded.memory, encoded.state
-    hidden, cell, feed = state.hidden, state.cell, state.feed
+    hidden, cell, feed, coverage = state.hidden, state.cell, state.feed, state.coverage
     logits = []
     for t in range(batch.tgt_in.size(1)):
         emb = dec.embedding(batch.tgt_in[:, t]).unsqueeze(1)  # (B, 1, E)
         positions = torch.full((batch.src.size(0), 1), t)  # the step, for local-m
         if dec.context_before_rnn:
-            context, _ = dec.attention(hidden[-1].unsqueeze(1), memory, positions)
+            context, weights = dec.attention(hidden[-1].unsqueeze(1), memory, positions,
+                                             None if coverage is None else coverage.unsqueeze(1))
             rnn_in = torch.cat([emb, context], dim=-1)
         elif dec.input_feeding:
             rnn_in = torch.cat([emb, feed.unsqueeze(1)], dim=-1)
@@ -154,7 +158,10 @@ def reference_logits(model: Seq2Seq, batch: Batch) -> torch.Tensor:
             rnn_in = emb
         out, (hidden, cell) = dec.rnn(rnn_in, (hidden, cell))
         if not dec.context_before_rnn:
-            context, _ = dec.attention(out, memory, positions)
+            context, weights = dec.attention(out, memory, positions,
+                                             None if coverage is None else coverage.unsqueeze(1))
+        if coverage is not None:  # the attention so far, for the next step's scores
+            coverage = coverage + weights.squeeze(1)
         h_tilde = torch.tanh(dec.combine(torch.cat([out, context], dim=-1))).squeeze(1)
         feed = h_tilde
         logits.append(model.output_layer(h_tilde))

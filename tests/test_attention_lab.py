@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,6 +165,7 @@ SHORT = ["experiment=smoke", "trainer.max_steps=12", "trainer.valid_every=6", "e
     (["model.attention.heads=2", "model.attention.normalizer=sparsemax"], "bahdanau-h2-sparsemax"),
     (["model/attention=local", "model.attention.mode=predictive", "model.attention.window=4"],
      "local-p4-general-feed"),
+    (["model.attention.coverage=true", "trainer.coverage_loss=1.0"], "bahdanau-cov"),
 ])
 def test_a_variant_trains_evaluates_and_translates(overrides, description, tmp_path, cache_dir):
     ok(run_cli("seq2seq-train", [*SHORT, *overrides], tmp_path, cache_dir))
@@ -253,3 +256,71 @@ def test_local_refusals(attention, fragment):
     with pytest.raises(ConfigError) as err:
         check_model_config(lab_config(**attention))
     assert fragment in str(err.value)
+
+
+# ----------------------------------------------------------------------------- coverage
+
+
+def test_the_coverage_vector_is_the_attention_so_far_and_changes_the_scores():
+    from helpers_model import make_batch
+
+    model = make_model("bahdanau-cov", scale=2.0)
+    batch = make_batch([[4, 5, 6, 7], [8, 9]], [[4, 5, 6], [7]])
+    with torch.no_grad():
+        encoded = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+        state, total = encoded.state, torch.zeros(batch.src.shape)
+        assert torch.equal(state.coverage, total)
+        for t in range(3):
+            out = model.decode_step(batch.tgt_in[:, t], state, encoded.memory)
+            total = total + out.attention
+            torch.testing.assert_close(out.state.coverage, total)
+            state = out.state
+        # the same step scored without its coverage attends differently
+        attention = model.decoder.attention
+        query = torch.randn(2, 1, attention.query_size)
+        with_cov = attention(query, encoded.memory, coverage=total.unsqueeze(1)).weights
+        without = attention(query, encoded.memory).weights
+        assert (with_cov - without).abs().max() > 1e-3
+
+
+def test_the_coverage_penalty_counts_attention_paid_again():
+    from seq2seq.model.losses import coverage_penalty
+
+    a = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])  # step 2 attends again to position 0
+    assert coverage_penalty(a, torch.ones(1, 3, dtype=torch.bool)).item() == pytest.approx(1 / 3)
+    assert coverage_penalty(a, torch.tensor([[True, False, False]])).item() == 0.0  # padding is not counted
+    spread = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    assert coverage_penalty(spread, torch.ones(1, 2, dtype=torch.bool)).item() == 0.0
+
+
+def test_coverage_scores_pass_gradcheck():
+    module = AdditiveAttention(6, 8, hidden_size=6, coverage=True).double()
+    raw = memory()
+    mem = module.prepare(type("Enc", (), {"outputs": raw.values, "mask": raw.mask})())
+    query = torch.randn(2, 1, 6, dtype=torch.float64, requires_grad=True)
+    cov = torch.rand(2, 1, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, c: module(q, mem, coverage=c).context, (query, cov))
+
+
+@pytest.mark.parametrize("attention, fragment", [
+    (dict(type=AttentionType.luong, score=LuongScore.general, coverage=True), "feeds the coverage vector into an additive"),
+    (dict(type=AttentionType.none, coverage=True), "model.attention.coverage=true needs an attention"),
+])
+def test_coverage_refusals(attention, fragment):
+    with pytest.raises(ConfigError) as err:
+        check_model_config(lab_config(**attention))
+    assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("-1", "trainer.coverage_loss must be 0 (off) or a positive number"),
+])
+def test_a_bad_coverage_loss_is_refused(value, fragment):
+    from conftest import smoke_config
+
+    from seq2seq.training.trainer import check_trainer_config
+
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        check_trainer_config(smoke_config(Path("/tmp"), f"trainer.coverage_loss={value}"))
+    with pytest.raises(ConfigError, match="model/attention=none has none"):
+        check_trainer_config(smoke_config(Path("/tmp"), "model/attention=none", "trainer.coverage_loss=1"))

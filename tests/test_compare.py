@@ -200,6 +200,13 @@ def test_describe_matches_model_description():
                 flat = {"model.attention.type": kind.value, "model.attention.score": score.value,
                         "model.attention.input_feeding": feed}
                 assert describe(flat) == model_describe(cfg)
+    lab = {"model.attention.type": "local", "model.attention.score": "scaled_dot", "model.attention.mode": "predictive",
+           "model.attention.window": 4, "model.attention.input_feeding": False}
+    assert describe(lab) == "local-p4-scaled_dot"
+    assert describe({"model.attention.type": "bahdanau", "model.attention.heads": 2,
+                     "model.attention.normalizer": "sparsemax", "model.attention.coverage": True}) == \
+        "bahdanau-h2-sparsemax-cov"
+    assert describe({"model.attention.type": "luong", "model.attention.unknown_key": 1}) == "luong"
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [

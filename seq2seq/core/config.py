@@ -169,6 +169,7 @@ class AttentionConfig:
     normalizer: Normalizer = Normalizer.softmax
     mode: LocalMode = LocalMode.monotonic  # local only
     window: int = 10  # local only: D, the window is [p_t - D, p_t + D]
+    coverage: bool = False  # the sum of past attention as a scoring input (additive scores; Tu et al. 2016)
 
 
 @dataclass
@@ -213,6 +214,7 @@ class TrainerConfig:
     patience: int = 10  # validations without a better valid BLEU before stopping; 0 = never
     valid_max_sentences: int | None = None  # cap on the sentences decoded for valid BLEU
     label_smoothing: float = 0.0
+    coverage_loss: float = 0.0  # lambda of the coverage penalty sum_j min(a_tj, c_tj) (See et al. 2017)
     teacher_forcing: float = 1.0  # probability of feeding the gold token (start value)
     teacher_forcing_schedule: TeacherForcingSchedule = TeacherForcingSchedule.constant
     teacher_forcing_min: float = 0.0  # floor for the decaying schedules

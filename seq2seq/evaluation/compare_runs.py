@@ -112,12 +112,18 @@ def _load_config(run_dir: Path) -> dict[str, Any]:
 
 
 def describe(cfg: dict[str, Any]) -> str:
-    """The model description from a flattened config, as ``seq2seq.model.network.describe`` gives it."""
-    kind = str(cfg.get("model.attention.type", "bahdanau"))
-    if kind == "luong":
-        feed = "-feed" if cfg.get("model.attention.input_feeding", True) else ""
-        return f"luong-{cfg.get('model.attention.score', 'general')}{feed}"
-    return kind
+    """The model description from a flattened config: ``seq2seq.model.network.describe`` of the
+    run's attention settings (a config it cannot read gives the attention type alone)."""
+    from seq2seq.core.config import AttentionConfig, ModelConfig
+    from seq2seq.model.network import describe as model_describe
+
+    prefix = "model.attention."
+    attention = {k[len(prefix):]: v for k, v in cfg.items() if k.startswith(prefix)}
+    try:
+        typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AttentionConfig), attention))
+    except Exception:  # a run written by another version: keys or values this one does not know
+        return str(cfg.get("model.attention.type", "bahdanau"))
+    return model_describe(ModelConfig(attention=typed))  # type: ignore[arg-type]
 
 
 def eval_dir_name(split: str, search: str) -> str:

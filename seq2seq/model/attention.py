@@ -97,6 +97,7 @@ class Attention(nn.Module):
 
     query_free = False
     needs_positions = False
+    uses_coverage = False  # scores read the coverage vector (forward's ``coverage``)
 
     def __init__(self, query_size: int, value_size: int, heads: int = 1,
                  normalizer: Normalizer = Normalizer.softmax) -> None:
@@ -114,10 +115,11 @@ class Attention(nn.Module):
     def prepare(self, enc: EncoderOutput) -> AttentionMemory:
         raise NotImplementedError
 
-    def forward(self, query: torch.Tensor, memory: AttentionMemory,
-                positions: torch.Tensor | None = None) -> AttentionResult:
+    def forward(self, query: torch.Tensor, memory: AttentionMemory, positions: torch.Tensor | None = None,
+                coverage: torch.Tensor | None = None) -> AttentionResult:
         """Attention for (B, T, Q) queries against a memory of B rows; ``positions`` (B, T): the
-        target position (0-based step) of each query, for the attentions that need it."""
+        target position (0-based step) of each query, and ``coverage`` (B, T, S): the attention
+        each source position got before the query's step, for the attentions that read them."""
         raise NotImplementedError
 
 
@@ -132,8 +134,8 @@ class NoAttention(Attention):
         mask = torch.ones(summary.shape[:2], dtype=torch.bool, device=summary.device)
         return AttentionMemory(keys=summary, values=summary, mask=mask)
 
-    def forward(self, query: torch.Tensor, memory: AttentionMemory,
-                positions: torch.Tensor | None = None) -> AttentionResult:
+    def forward(self, query: torch.Tensor, memory: AttentionMemory, positions: torch.Tensor | None = None,
+                coverage: torch.Tensor | None = None) -> AttentionResult:
         b, t = query.shape[:2]
         return AttentionResult(context=memory.values.expand(b, t, -1), weights=None)
 
@@ -144,20 +146,30 @@ class AdditiveAttention(Attention):
     U h_j is computed once per batch (``prepare``)."""
 
     def __init__(self, query_size: int, value_size: int, hidden_size: int, heads: int = 1,
-                 normalizer: Normalizer = Normalizer.softmax) -> None:
+                 normalizer: Normalizer = Normalizer.softmax, coverage: bool = False) -> None:
         super().__init__(query_size, value_size, heads, normalizer)
         self.key_proj = nn.Linear(value_size, hidden_size, bias=False)  # U
         self.query_proj = nn.Linear(query_size, hidden_size, bias=True)  # W (+ bias)
         # v: one row per head, over that head's part of the hidden layer ((1, A) for one head)
         self.energy = nn.Linear(hidden_size // heads, heads, bias=False)
+        self.uses_coverage = coverage
+        if coverage:  # w_c: score(q, h_j, c_j) = v^T tanh(W q + U h_j + w_c c_j) (See et al. 2017, eq. 11)
+            self.coverage_proj = nn.Linear(1, hidden_size, bias=False)
+
+    @property
+    def standard(self) -> bool:
+        return super().standard and not self.uses_coverage
 
     def prepare(self, enc: EncoderOutput) -> AttentionMemory:
         return AttentionMemory(keys=self.key_proj(enc.outputs), values=enc.outputs, mask=enc.mask)
 
-    def forward(self, query: torch.Tensor, memory: AttentionMemory,
-                positions: torch.Tensor | None = None) -> AttentionResult:
+    def forward(self, query: torch.Tensor, memory: AttentionMemory, positions: torch.Tensor | None = None,
+                coverage: torch.Tensor | None = None) -> AttentionResult:
         # (B, T, 1, A) + (B, 1, S, A): every query against every key
-        energies = torch.tanh(self.query_proj(query).unsqueeze(2) + memory.keys.unsqueeze(1))
+        inputs = self.query_proj(query).unsqueeze(2) + memory.keys.unsqueeze(1)
+        if self.uses_coverage and coverage is not None:  # (B, T, S, 1) x (A,)
+            inputs = inputs + coverage.unsqueeze(-1).to(inputs.dtype) * self.coverage_proj.weight.view(-1)
+        energies = torch.tanh(inputs)
         if self.heads == 1:
             scores = self.energy(energies).squeeze(-1)  # (B, T, S)
             weights = normalize(scores, memory.mask, self.normalizer)
@@ -192,8 +204,8 @@ class MultiplicativeAttention(Attention):
     def prepare(self, enc: EncoderOutput) -> AttentionMemory:
         return AttentionMemory(keys=self.key_proj(enc.outputs), values=enc.outputs, mask=enc.mask)
 
-    def forward(self, query: torch.Tensor, memory: AttentionMemory,
-                positions: torch.Tensor | None = None) -> AttentionResult:
+    def forward(self, query: torch.Tensor, memory: AttentionMemory, positions: torch.Tensor | None = None,
+                coverage: torch.Tensor | None = None) -> AttentionResult:
         if self.heads == 1:
             scores = torch.bmm(query, memory.keys.transpose(1, 2).to(query.dtype))  # (B, T, S)
             if self.scaled:
@@ -254,8 +266,8 @@ class LocalAttention(Attention):
         scores = (query.unsqueeze(2) * keys.to(query.dtype)).sum(-1)
         return scores / math.sqrt(query.size(-1)) if scorer.scaled else scores
 
-    def forward(self, query: torch.Tensor, memory: AttentionMemory,
-                positions: torch.Tensor | None = None) -> AttentionResult:
+    def forward(self, query: torch.Tensor, memory: AttentionMemory, positions: torch.Tensor | None = None,
+                coverage: torch.Tensor | None = None) -> AttentionResult:
         b, t, _ = query.shape
         s = memory.mask.size(1)
         lengths = memory.mask.sum(1).view(b, 1)  # (B, 1) real source positions, EOS included

@@ -30,11 +30,14 @@ class DecoderState(NamedTuple):
     feed: torch.Tensor  # (B, P) previous attentional state h~ (zeros before the first step)
     # (B,) int64 target position of the next step, for attentions that read it (local-m); else None
     step: torch.Tensor | None = None
+    # (B, S) float32 attention each source position has had so far, for coverage models; else None
+    coverage: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> DecoderState:
         return DecoderState(self.hidden.index_select(1, index), self.cell.index_select(1, index),
                             self.feed.index_select(0, index),
-                            None if self.step is None else self.step.index_select(0, index))
+                            None if self.step is None else self.step.index_select(0, index),
+                            None if self.coverage is None else self.coverage.index_select(0, index))
 
 
 class DecoderOutput(NamedTuple):
@@ -77,16 +80,24 @@ class Decoder(nn.Module):
     def parallel(self) -> bool:
         """True when no step depends on an earlier step's attention, so teacher-forced training
         can run the LSTM over the whole target at once and attend for all steps in one matmul."""
-        return not self.input_feeding and (not self.context_before_rnn or self.attention.query_free)
+        return (not self.input_feeding and not self.attention.uses_coverage
+                and (not self.context_before_rnn or self.attention.query_free))
 
-    def init_state(self, summary: torch.Tensor) -> DecoderState:
+    def init_state(self, summary: torch.Tensor, mask: torch.Tensor | None = None) -> DecoderState:
+        """The state before the first step, from the encoder summary (and the source mask
+        (B, S), which a coverage model needs for its empty coverage vector)."""
         b = summary.size(0)
         init = self.bridge(summary).view(b, 2, self.num_layers, self.hidden_size)
         hidden = torch.tanh(init[:, 0]).transpose(0, 1).contiguous()  # (L, B, H)
         cell = init[:, 1].transpose(0, 1).float().contiguous()  # (L, B, H), float32 (see lstm_cell)
         feed = summary.new_zeros(b, self.output_size)
         step = torch.zeros(b, dtype=torch.long, device=summary.device) if self.attention.needs_positions else None
-        return DecoderState(hidden, cell, feed, step)
+        coverage = None
+        if self.attention.uses_coverage:
+            if mask is None:
+                raise ValueError("a coverage model's initial state needs the source mask")
+            coverage = torch.zeros(mask.shape, dtype=torch.float32, device=summary.device)
+        return DecoderState(hidden, cell, feed, step, coverage)
 
     def attentional(self, rnn_out: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """h~ = tanh(W_c [h; c]), (..., P) float32."""
@@ -108,8 +119,8 @@ class Decoder(nn.Module):
             x = h
         return torch.stack(hs), torch.stack(cs)
 
-    def attend(self, query: torch.Tensor, memory: AttentionMemory, positions: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def attend(self, query: torch.Tensor, memory: AttentionMemory, positions: torch.Tensor | None = None,
+               coverage: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention for one step's queries (N, Q): context (N, D) and weights (N, S) or None;
         ``positions`` (N,): each query's target position, for the attentions that read it.
 
@@ -119,7 +130,8 @@ class Decoder(nn.Module):
         rows = memory.mask.size(0)
         group = query.size(0) // rows
         context, weights = self.attention(query.view(rows, group, -1), memory,
-                                          None if positions is None else positions.view(rows, group))
+                                          None if positions is None else positions.view(rows, group),
+                                          None if coverage is None else coverage.view(rows, group, -1))
         return (context.reshape(query.size(0), -1),
                 None if weights is None else weights.reshape(query.size(0), -1))
 
@@ -127,16 +139,17 @@ class Decoder(nn.Module):
              ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
         """One step from the embedded previous word ``emb`` (B, E): h~ (B, P), the new state and
         the attention weights (B, S) or None."""
-        if self.context_before_rnn:
-            context, weights = self.attend(state.hidden[-1], memory, state.step)  # from the previous state
+        if self.context_before_rnn:  # from the previous state
+            context, weights = self.attend(state.hidden[-1], memory, state.step, state.coverage)
             hidden, cell = self.rnn_step(torch.cat([emb, context.to(emb.dtype)], dim=-1), state)
         else:
             x = torch.cat([emb, state.feed.to(emb.dtype)], dim=-1) if self.input_feeding else emb
             hidden, cell = self.rnn_step(x, state)
-            context, weights = self.attend(hidden[-1], memory, state.step)  # from the current state
+            context, weights = self.attend(hidden[-1], memory, state.step, state.coverage)  # from the current state
         h_tilde = self.attentional(hidden[-1], context)
         step = None if state.step is None else state.step + 1
-        return h_tilde, DecoderState(hidden, cell, h_tilde, step), weights
+        coverage = None if state.coverage is None else state.coverage + weights.float()
+        return h_tilde, DecoderState(hidden, cell, h_tilde, step, coverage), weights
 
     def forward_parallel(self, tgt_in: torch.Tensor, state: DecoderState, memory: AttentionMemory) -> DecoderOutput:
         """Teacher-forced pass over the whole target at once (``parallel`` decoders)."""

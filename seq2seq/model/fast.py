@@ -446,7 +446,7 @@ class FastEngine:
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor, src_mask: torch.Tensor) -> EncodedSource:
         enc = encode_source(self.model.encoder, src, src_lengths, src_mask)
         return EncodedSource(memory=prepare_memory(self.model.decoder, enc),
-                             state=self.model.decoder.init_state(enc.summary))
+                             state=self.model.decoder.init_state(enc.summary, enc.mask))
 
     def forward(self, batch: Batch, teacher_forcing: float = 1.0, force_steps: bool = False) -> DecoderOutput:
         encoded = self.encode(batch.src, batch.src_lengths, batch.src_mask)

@@ -54,7 +54,7 @@ class Seq2Seq(nn.Module):
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor, src_mask: torch.Tensor) -> EncodedSource:
         enc = self.encoder(src, src_lengths, src_mask)
         memory = self.decoder.attention.prepare(enc)  # key projections: once per batch
-        return EncodedSource(memory=memory, state=self.decoder.init_state(enc.summary))
+        return EncodedSource(memory=memory, state=self.decoder.init_state(enc.summary, enc.mask))
 
     def decode_step(self, prev_tokens: torch.Tensor, state: DecoderState, memory: AttentionMemory) -> StepOutput:
         """One decoder step from the previous tokens (N,); search's only entry. ``memory`` has N
@@ -99,6 +99,7 @@ def describe(cfg: ModelConfig) -> str:
     if att.type != AttentionType.none:
         name += f"-h{att.heads}" if att.heads > 1 else ""
         name += f"-{att.normalizer.value}" if att.normalizer != Normalizer.softmax else ""
+        name += "-cov" if att.coverage else ""
     return name
 
 
@@ -135,13 +136,19 @@ def check_model_config(cfg: ModelConfig) -> None:
             raise ConfigError(f"model.attention.heads={att.heads} does not combine with local attention (one "
                               "window per step); use heads=1, or global attention (model/attention=luong)")
     if att.type == AttentionType.none:
-        for key, value, default in (("heads", att.heads, 1), ("normalizer", att.normalizer, Normalizer.softmax)):
+        for key, value, default in (("heads", att.heads, 1), ("normalizer", att.normalizer, Normalizer.softmax),
+                                    ("coverage", att.coverage, False)):
             if value != default:
-                shown = value.value if isinstance(value, Normalizer) else value
+                shown = value.value if isinstance(value, Normalizer) else str(value).lower()
                 raise ConfigError(f"model.attention.{key}={shown} needs an attention to apply to; "
                                   "choose model/attention=bahdanau or luong")
         return
     additive = att.type == AttentionType.bahdanau or att.score == LuongScore.concat
+    if att.coverage:
+        if not additive or att.type == AttentionType.local or att.heads > 1:
+            raise ConfigError("model.attention.coverage=true feeds the coverage vector into an additive score of "
+                              "one head over the whole source (v^T tanh(W q + U h + w_c c)): use "
+                              "model/attention=bahdanau, or luong with model.attention.score=concat, and heads=1")
     # what each head takes a 1/heads share of
     split = {"the encoder states (2 x model.encoder_hidden_size)": 2 * cfg.encoder_hidden_size}
     if additive:
@@ -160,7 +167,7 @@ def build_attention(cfg: ModelConfig, query_size: int, value_size: int) -> Atten
         return NoAttention(query_size, value_size)
     scorer: AdditiveAttention | MultiplicativeAttention
     if att.type == AttentionType.bahdanau or att.score == LuongScore.concat:
-        scorer = AdditiveAttention(query_size, value_size, att.hidden_size, att.heads, att.normalizer)
+        scorer = AdditiveAttention(query_size, value_size, att.hidden_size, att.heads, att.normalizer, att.coverage)
     else:
         scorer = MultiplicativeAttention(query_size, value_size, general=att.score == LuongScore.general,
                                          scaled=att.score == LuongScore.scaled_dot, heads=att.heads,

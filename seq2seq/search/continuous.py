@@ -50,9 +50,8 @@ class _Rows(NamedTuple):
 
     def slice(self, start: int, stop: int) -> _Rows:
         return _Rows(self.ids[start:stop], self.limit[start:stop],
-                     DecoderState(self.state.hidden[:, start:stop], self.state.cell[:, start:stop],
-                                  self.state.feed[start:stop],
-                                  None if self.state.step is None else self.state.step[start:stop]),
+                     DecoderState(*(None if x is None else x[:, start:stop] if i < 2 else x[start:stop]
+                                    for i, x in enumerate(self.state))),
                      AttentionMemory(*(t[start:stop] for t in self.memory[:3])))
 
 
@@ -65,15 +64,25 @@ def _widen(memory: AttentionMemory, width: int) -> AttentionMemory:
                              for t in memory[:3]))
 
 
+def _widen_coverage(state: DecoderState, width: int) -> DecoderState:
+    """A coverage model's state over a source axis of ``width`` positions (the new ones unseen)."""
+    cov = state.coverage
+    if cov is None or cov.size(1) >= width:
+        return state
+    return state._replace(coverage=torch.cat([cov, cov.new_zeros(cov.size(0), width - cov.size(1))], dim=1))
+
+
 def _concat(parts: list[_Rows]) -> _Rows:
     """The parts' rows as one set of fresh tensors (never views of a batch still being drawn)."""
     width = max(p.memory.mask.size(1) for p in parts)
     memories = [_widen(p.memory, width) for p in parts]
+    states = [_widen_coverage(p.state, width) for p in parts]
     return _Rows(torch.cat([p.ids for p in parts]), torch.cat([p.limit for p in parts]),
-                 DecoderState(torch.cat([p.state.hidden for p in parts], dim=1),
-                              torch.cat([p.state.cell for p in parts], dim=1),
-                              torch.cat([p.state.feed for p in parts]),
-                              None if parts[0].state.step is None else torch.cat([p.state.step for p in parts])),
+                 DecoderState(torch.cat([s.hidden for s in states], dim=1),
+                              torch.cat([s.cell for s in states], dim=1),
+                              torch.cat([s.feed for s in states]),
+                              None if states[0].step is None else torch.cat([s.step for s in states]),
+                              None if states[0].coverage is None else torch.cat([s.coverage for s in states])),
                  AttentionMemory(*(torch.cat([m[i] for m in memories]) for i in range(3))))
 
 
@@ -168,13 +177,17 @@ class _Sentences:
         self.sentences = torch.arange(keep.numel(), device=keep.device)
 
 
-def _copy_state(dest: DecoderState, rows: torch.Tensor, src: DecoderState) -> None:
-    """``dest``'s rows ``rows`` from ``src`` (a fresh state may differ in dtype from a decoded one:
-    bf16 from the bridge under autocast, float32 from the LSTM cell)."""
+def _copy_state(dest: DecoderState, rows: torch.Tensor, src: DecoderState, width: int) -> DecoderState:
+    """``dest`` with its rows ``rows`` from ``src`` (a fresh state may differ in dtype from a
+    decoded one: bf16 from the bridge under autocast, float32 from the LSTM cell); a coverage
+    vector is widened to the memory's ``width`` first."""
+    dest, src = _widen_coverage(dest, width), _widen_coverage(src, width)
     for axis, d, s in ((1, dest.hidden, src.hidden), (1, dest.cell, src.cell), (0, dest.feed, src.feed)):
         d.index_copy_(axis, rows, s.to(d.dtype))
-    if dest.step is not None:
-        dest.step.index_copy_(0, rows, src.step)
+    for d, s in ((dest.step, src.step), (dest.coverage, src.coverage)):
+        if d is not None:
+            d.index_copy_(0, rows, s)
+    return dest
 
 
 class _GreedyPool(_Sentences):
@@ -214,7 +227,7 @@ class _GreedyPool(_Sentences):
         """New sentences in rows ``slots`` (as many as ``rows`` has; their results are out)."""
         slots = slots[: len(rows)]
         self._replace(slots, rows)
-        _copy_state(self.state, slots, rows.state)
+        self.state = _copy_state(self.state, slots, rows.state, self.memory.mask.size(1))
         _fill(slots, ((self.score, 0.0), (self.prev, BOS_ID), (self.tokens, EOS_ID)))
 
     def keep(self, keep: torch.Tensor) -> None:
@@ -304,7 +317,7 @@ class _BeamPool(_Sentences):
         self._replace(slots, rows)
         beam_rows = self._beam_rows(slots)
         fresh = rows.state.select(torch.arange(len(rows), device=slots.device).repeat_interleave(self.k))
-        _copy_state(self.state, beam_rows, fresh)
+        self.state = _copy_state(self.state, beam_rows, fresh, self.memory.mask.size(1))
         first = torch.full((self.k,), float("-inf"), device=slots.device)
         first[0] = 0.0
         self.scores.index_copy_(0, slots, first.repeat(len(rows), 1))

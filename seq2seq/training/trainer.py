@@ -35,6 +35,7 @@ from seq2seq.data.tokenizer import PAD_ID
 from seq2seq.evaluation.metrics import corpus_score
 from seq2seq.model.devices import autocast_dtype, resolve_device
 from seq2seq.model.engine import build_engine, describe_engine
+from seq2seq.model.losses import coverage_penalty
 from seq2seq.model.network import Seq2Seq, build_model, count_parameters, state_mismatch
 from seq2seq.search.common import check_search_config
 from seq2seq.search.translate import translate_ids
@@ -111,6 +112,10 @@ def check_trainer_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"trainer.patience must be 0 (never stop early) or positive (got {t.patience})")
     if not 0.0 <= t.label_smoothing < 1.0:
         raise ConfigError(f"trainer.label_smoothing must be in [0, 1) (got {t.label_smoothing})")
+    if not (math.isfinite(t.coverage_loss) and t.coverage_loss >= 0):
+        raise ConfigError(f"trainer.coverage_loss must be 0 (off) or a positive number (got {t.coverage_loss})")
+    if t.coverage_loss > 0 and cfg.model.attention.type.value == "none":
+        raise ConfigError("trainer.coverage_loss penalises attention; model/attention=none has none")
     if t.num_threads < 0:
         raise ConfigError(f"trainer.num_threads must be 0 (all cores) or positive (got {t.num_threads})")
 
@@ -330,7 +335,11 @@ class Trainer:
     def _loss(self, batch: Batch, teacher_forcing: float) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             out = self.engine.forward(batch, teacher_forcing=teacher_forcing)
-            return self.engine.loss(out, batch, self.cfg.trainer.label_smoothing)
+            loss = self.engine.loss(out, batch, self.cfg.trainer.label_smoothing)
+            weight = self.cfg.trainer.coverage_loss
+            if weight > 0 and out.attention is not None:
+                loss = loss + weight * coverage_penalty(out.attention, batch.tgt_mask)
+            return loss
 
     def train_step(self, batch: Batch) -> StepResult:
         """One update, or a skipped one when the loss/gradient is not finite or the batch runs out of memory."""
