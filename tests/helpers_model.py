@@ -14,6 +14,7 @@ from seq2seq.core.config import (
     LuongScore,
     ModelConfig,
     Normalizer,
+    PositionBias,
 )
 from seq2seq.data.batching import Batch, collate
 from seq2seq.data.tokenizer import EOS_ID, PAD_ID
@@ -33,6 +34,7 @@ class Spec(NamedTuple):
     mode: LocalMode = LocalMode.monotonic
     window: int = 3
     coverage: bool = False
+    position_bias: PositionBias = PositionBias.none
 
 
 # name -> the attention; names follow ``model.describe``. The families the CPU kernels run, then
@@ -55,9 +57,13 @@ VARIANTS: dict[str, Spec] = {
     "local-m2-concat": Spec(AttentionType.local, LuongScore.concat, False, window=2),
     "bahdanau-cov": Spec(AttentionType.bahdanau, LuongScore.general, False, coverage=True),
     "luong-concat-cov": Spec(AttentionType.luong, LuongScore.concat, False, coverage=True),
+    "bahdanau-rel": Spec(AttentionType.bahdanau, LuongScore.general, False, position_bias=PositionBias.relative),
+    "luong-general-h2-rel": Spec(AttentionType.luong, LuongScore.general, False, heads=2,
+                                 position_bias=PositionBias.relative),
 }
 LAB = ["luong-scaled_dot-feed", "bahdanau-h4", "luong-general-h4-sparsemax", "bahdanau-entmax15",
-       "local-m3-general-feed", "local-p2-dot", "local-m2-concat", "bahdanau-cov", "luong-concat-cov"]
+       "local-m3-general-feed", "local-p2-dot", "local-m2-concat", "bahdanau-cov", "luong-concat-cov",
+       "bahdanau-rel", "luong-general-h2-rel"]
 # local-p weighs its window by a Gaussian after normalising (Luong et al. 2015, eq. 10): its
 # weights sum to at most 1
 UNNORMALISED = ["local-p2-dot"]
@@ -76,7 +82,8 @@ def model_config(variant: str, **overrides) -> ModelConfig:
     fields = dict(embedding_size=16, encoder_hidden_size=12, decoder_hidden_size=24, dropout=0.0,
                   attention=AttentionConfig(type=v.kind, score=v.score, input_feeding=v.feed, hidden_size=16,
                                             heads=v.heads, normalizer=v.normalizer, mode=v.mode,
-                                            window=v.window, coverage=v.coverage))
+                                            window=v.window, coverage=v.coverage,
+                                            position_bias=v.position_bias, max_distance=4))
     fields.update(overrides)
     return ModelConfig(**fields)
 
@@ -89,6 +96,10 @@ def make_model(variant: str, seed: int = 0, src_vocab: int = SRC_VOCAB, tgt_voca
     torch.manual_seed(seed)
     model = build_model(model_config(variant, **overrides), src_vocab, tgt_vocab, PAD_ID)
     with torch.no_grad():
+        relative = getattr(model.decoder.attention, "relative", None)
+        if relative is not None:  # a trained-looking bias (it starts at zero) and a ratio that rounds
+            relative.bias.weight.normal_(0.0, 1.0)
+            relative.length_ratio.fill_(1.3)
         if scale != 1.0:
             for p in model.parameters():
                 p.mul_(scale)

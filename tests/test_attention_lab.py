@@ -166,6 +166,8 @@ SHORT = ["experiment=smoke", "trainer.max_steps=12", "trainer.valid_every=6", "e
     (["model/attention=local", "model.attention.mode=predictive", "model.attention.window=4"],
      "local-p4-general-feed"),
     (["model.attention.coverage=true", "trainer.coverage_loss=1.0"], "bahdanau-cov"),
+    (["model/attention=luong", "model.attention.position_bias=relative", "model.attention.max_distance=8"],
+     "luong-general-feed-rel"),
 ])
 def test_a_variant_trains_evaluates_and_translates(overrides, description, tmp_path, cache_dir):
     ok(run_cli("seq2seq-train", [*SHORT, *overrides], tmp_path, cache_dir))
@@ -324,3 +326,58 @@ def test_a_bad_coverage_loss_is_refused(value, fragment):
         check_trainer_config(smoke_config(Path("/tmp"), f"trainer.coverage_loss={value}"))
     with pytest.raises(ConfigError, match="model/attention=none has none"):
         check_trainer_config(smoke_config(Path("/tmp"), "model/attention=none", "trainer.coverage_loss=1"))
+
+
+# ----------------------------------------------------------------------------- relative position bias
+
+
+def test_a_relative_bias_depends_only_on_the_clipped_distance_to_the_expected_position():
+    from seq2seq.model.attention import RelativeBias
+
+    rel = RelativeBias(max_distance=2, heads=1)
+    with torch.no_grad():
+        rel.bias.weight.copy_(torch.arange(5.0).view(5, 1))  # bias = distance + 2
+        rel.length_ratio.fill_(2.0)  # step t expects source position 2t
+    bias = rel(torch.tensor([[0, 1, 3]]), length=7)[0, 0]  # (T, S)
+    assert bias[0].tolist() == [2, 3, 4, 4, 4, 4, 4]  # distances 0, 1, 2, then clipped
+    assert bias[1].tolist() == [0, 1, 2, 3, 4, 4, 4]  # centred on position 2
+    assert bias[2].tolist() == [0, 0, 0, 0, 0, 1, 2]  # centred on 6, clipped on the left
+
+
+def test_a_strong_bias_at_distance_zero_puts_the_attention_on_the_expected_position():
+    torch.manual_seed(3)
+    module = MultiplicativeAttention(8, 8, general=True, relative_distance=3)
+    with torch.no_grad():
+        module.relative.bias.weight.zero_()
+        module.relative.bias.weight[3] = 50.0  # distance 0
+    mem = memory(b=2, s=6, dtype=torch.float32)
+    weights = module(torch.randn(2, 4, 8) * 0.1, mem, torch.arange(4).expand(2, 4)).weights
+    assert weights[1].argmax(-1).tolist() == [0, 1, 2, 3]  # ratio 1: step t on position t
+    assert weights[0, 3].argmax().item() != 3 and weights[0, 3, 3:].sum() == 0  # position 3 is padding in row 0
+
+
+def test_relative_scores_pass_gradcheck_and_the_trainer_sets_the_length_ratio(prepared, tmp_path):
+    module = AdditiveAttention(6, 8, hidden_size=6, relative_distance=2).double()
+    with torch.no_grad():
+        module.relative.bias.weight.normal_()
+    raw = memory()
+    mem = module.prepare(type("Enc", (), {"outputs": raw.values, "mask": raw.mask})())
+    query = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q: module(q, mem, torch.arange(3).expand(2, 3)).context, (query,))
+
+    from conftest import smoke_config
+
+    from seq2seq.training.trainer import Trainer
+
+    cache, data = prepared
+    trainer = Trainer(smoke_config(cache, "model.attention.position_bias=relative"), data, tmp_path)
+    ratio = float(trainer.model.decoder.attention.relative.length_ratio)
+    assert 0.8 < ratio < 1.2  # the synthetic languages have equally long sentences (+EOS on each side)
+    assert "decoder.attention.relative.length_ratio" in trainer.model.state_dict()  # saved with the model
+
+
+def test_relative_refusals():
+    with pytest.raises(ConfigError, match="is for global attention"):
+        check_model_config(lab_config(type=AttentionType.local, position_bias="relative"))
+    with pytest.raises(ConfigError, match="max_distance must be a positive integer"):
+        check_model_config(lab_config(type=AttentionType.luong, position_bias="relative", max_distance=0))

@@ -48,6 +48,11 @@ class AttentionType(str, Enum):
     local = "local"  # Luong et al. 2015, 3.2: a window of 2D+1 source positions per step
 
 
+class PositionBias(str, Enum):
+    none = "none"
+    relative = "relative"  # a learned bias per clipped distance to the step's expected source position
+
+
 class LocalMode(str, Enum):
     monotonic = "monotonic"  # local-m: the window is centred on p_t = t
     predictive = "predictive"  # local-p: p_t = S sigmoid(v_p^T tanh(W_p h_t)), Gaussian sigma = D/2
@@ -170,6 +175,8 @@ class AttentionConfig:
     mode: LocalMode = LocalMode.monotonic  # local only
     window: int = 10  # local only: D, the window is [p_t - D, p_t + D]
     coverage: bool = False  # the sum of past attention as a scoring input (additive scores; Tu et al. 2016)
+    position_bias: PositionBias = PositionBias.none
+    max_distance: int = 16  # relative position bias: distances beyond +-max_distance share a bias
 
 
 @dataclass

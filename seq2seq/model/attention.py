@@ -91,6 +91,38 @@ def read_heads(weights: torch.Tensor, memory: AttentionMemory) -> torch.Tensor:
     return merge_heads(torch.matmul(weights.to(values.dtype), values))
 
 
+class RelativeBias(nn.Module):
+    """A learned score bias per clipped distance between source position j and the step's
+    expected source position e_t = t * rho (``positions`` t): the relative positions of the
+    transformer exercises, adapted to cross-attention. rho (``length_ratio``, a buffer saved with
+    the model) is the training data's source/target length ratio, set once by the trainer: the
+    target length is unknown while decoding, so training uses the same estimate of i * S / T."""
+
+    def __init__(self, max_distance: int, heads: int) -> None:
+        super().__init__()
+        self.max_distance = max_distance
+        self.bias = nn.Embedding(2 * max_distance + 1, heads)
+        nn.init.zeros_(self.bias.weight)  # start as plain attention
+        self.register_buffer("length_ratio", torch.ones(()))
+
+    def forward(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """(B, H, T, S) biases for target positions (B, T) over ``length`` source positions."""
+        expected = positions.to(self.length_ratio.dtype) * self.length_ratio  # (B, T)
+        source = torch.arange(length, device=positions.device, dtype=expected.dtype)
+        distance = torch.round(source - expected.unsqueeze(-1)).long().clamp(-self.max_distance, self.max_distance)
+        return self.bias(distance + self.max_distance).permute(0, 3, 1, 2)
+
+
+def with_bias(scores: torch.Tensor, relative: RelativeBias | None, positions: torch.Tensor | None) -> torch.Tensor:
+    """``scores`` (B, T, S) or (B, H, T, S) plus the relative position bias, where there is one."""
+    if relative is None:
+        return scores
+    if positions is None:
+        raise ValueError("a relative position bias needs the target positions")
+    bias = relative(positions, scores.size(-1))
+    return scores + (bias.squeeze(1) if scores.dim() == 3 else bias).to(scores.dtype)
+
+
 class Attention(nn.Module):
     """Base class. ``query_free`` attention ignores the query (so the decoder may run in parallel);
     ``needs_positions`` attention reads each query's target position (``forward``'s ``positions``)."""
@@ -100,17 +132,22 @@ class Attention(nn.Module):
     uses_coverage = False  # scores read the coverage vector (forward's ``coverage``)
 
     def __init__(self, query_size: int, value_size: int, heads: int = 1,
-                 normalizer: Normalizer = Normalizer.softmax) -> None:
+                 normalizer: Normalizer = Normalizer.softmax, relative_distance: int = 0) -> None:
         super().__init__()
         self.query_size = query_size
         self.value_size = value_size
         self.heads = heads
         self.normalizer = normalizer
+        # relative_distance > 0: a learned bias per clipped relative position (RelativeBias)
+        self.relative = RelativeBias(relative_distance, heads) if relative_distance > 0 else None
+        if self.relative is not None:
+            self.needs_positions = True
 
     @property
     def standard(self) -> bool:
-        """One head and softmax: the attention the CPU kernels implement (seq2seq/model/fast.py)."""
-        return self.heads == 1 and self.normalizer == Normalizer.softmax
+        """One head, softmax, no position bias: the attention the CPU kernels implement
+        (seq2seq/model/fast.py)."""
+        return self.heads == 1 and self.normalizer == Normalizer.softmax and self.relative is None
 
     def prepare(self, enc: EncoderOutput) -> AttentionMemory:
         raise NotImplementedError
@@ -146,8 +183,9 @@ class AdditiveAttention(Attention):
     U h_j is computed once per batch (``prepare``)."""
 
     def __init__(self, query_size: int, value_size: int, hidden_size: int, heads: int = 1,
-                 normalizer: Normalizer = Normalizer.softmax, coverage: bool = False) -> None:
-        super().__init__(query_size, value_size, heads, normalizer)
+                 normalizer: Normalizer = Normalizer.softmax, coverage: bool = False,
+                 relative_distance: int = 0) -> None:
+        super().__init__(query_size, value_size, heads, normalizer, relative_distance)
         self.key_proj = nn.Linear(value_size, hidden_size, bias=False)  # U
         self.query_proj = nn.Linear(query_size, hidden_size, bias=True)  # W (+ bias)
         # v: one row per head, over that head's part of the hidden layer ((1, A) for one head)
@@ -171,13 +209,13 @@ class AdditiveAttention(Attention):
             inputs = inputs + coverage.unsqueeze(-1).to(inputs.dtype) * self.coverage_proj.weight.view(-1)
         energies = torch.tanh(inputs)
         if self.heads == 1:
-            scores = self.energy(energies).squeeze(-1)  # (B, T, S)
+            scores = with_bias(self.energy(energies).squeeze(-1), self.relative, positions)  # (B, T, S)
             weights = normalize(scores, memory.mask, self.normalizer)
             return AttentionResult(context=read(weights, memory), weights=weights)
         b, t, s, a = energies.shape
         parts = energies.view(b, t, s, self.heads, a // self.heads)
         scores = (parts * self.energy.weight.to(parts.dtype)).sum(-1).permute(0, 3, 1, 2)  # (B, H, T, S)
-        weights = normalize(scores, memory.mask, self.normalizer)
+        weights = normalize(with_bias(scores, self.relative, positions), memory.mask, self.normalizer)
         return AttentionResult(context=read_heads(weights, memory), weights=weights.mean(1))
 
 
@@ -189,8 +227,8 @@ class MultiplicativeAttention(Attention):
     per batch."""
 
     def __init__(self, query_size: int, value_size: int, general: bool, scaled: bool = False, heads: int = 1,
-                 normalizer: Normalizer = Normalizer.softmax) -> None:
-        super().__init__(query_size, value_size, heads, normalizer)
+                 normalizer: Normalizer = Normalizer.softmax, relative_distance: int = 0) -> None:
+        super().__init__(query_size, value_size, heads, normalizer, relative_distance)
         if not general and query_size != value_size:
             raise ValueError(f"dot attention needs equal query and value sizes ({query_size} != {value_size})")
         self.general = general
@@ -210,14 +248,14 @@ class MultiplicativeAttention(Attention):
             scores = torch.bmm(query, memory.keys.transpose(1, 2).to(query.dtype))  # (B, T, S)
             if self.scaled:
                 scores = scores / math.sqrt(query.size(-1))
-            weights = normalize(scores, memory.mask, self.normalizer)
+            weights = normalize(with_bias(scores, self.relative, positions), memory.mask, self.normalizer)
             return AttentionResult(context=read(weights, memory), weights=weights)
         q = split_heads(query, self.heads)  # (B, H, T, Q / H)
         k = split_heads(memory.keys.to(query.dtype), self.heads)  # (B, H, S, Q / H)
         scores = torch.matmul(q, k.transpose(2, 3))  # (B, H, T, S)
         if self.scaled:
             scores = scores / math.sqrt(q.size(-1))
-        weights = normalize(scores, memory.mask, self.normalizer)
+        weights = normalize(with_bias(scores, self.relative, positions), memory.mask, self.normalizer)
         return AttentionResult(context=read_heads(weights, memory), weights=weights.mean(1))
 
 

@@ -11,12 +11,20 @@ these methods or the CPU kernels on the same parameters.
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from seq2seq.core.config import AttentionType, LocalMode, LuongScore, ModelConfig, Normalizer
+from seq2seq.core.config import (
+    AttentionType,
+    LocalMode,
+    LuongScore,
+    ModelConfig,
+    Normalizer,
+    PositionBias,
+)
 from seq2seq.core.errors import ConfigError
 from seq2seq.data.batching import Batch
 from seq2seq.model.attention import (
@@ -100,6 +108,7 @@ def describe(cfg: ModelConfig) -> str:
         name += f"-h{att.heads}" if att.heads > 1 else ""
         name += f"-{att.normalizer.value}" if att.normalizer != Normalizer.softmax else ""
         name += "-cov" if att.coverage else ""
+        name += "-rel" if att.position_bias == PositionBias.relative else ""
     return name
 
 
@@ -137,13 +146,20 @@ def check_model_config(cfg: ModelConfig) -> None:
                               "window per step); use heads=1, or global attention (model/attention=luong)")
     if att.type == AttentionType.none:
         for key, value, default in (("heads", att.heads, 1), ("normalizer", att.normalizer, Normalizer.softmax),
-                                    ("coverage", att.coverage, False)):
+                                    ("coverage", att.coverage, False),
+                                    ("position_bias", att.position_bias, PositionBias.none)):
             if value != default:
-                shown = value.value if isinstance(value, Normalizer) else str(value).lower()
+                shown = value.value if isinstance(value, Enum) else str(value).lower()
                 raise ConfigError(f"model.attention.{key}={shown} needs an attention to apply to; "
                                   "choose model/attention=bahdanau or luong")
         return
     additive = att.type == AttentionType.bahdanau or att.score == LuongScore.concat
+    if att.position_bias == PositionBias.relative:
+        if att.max_distance < 1:
+            raise ConfigError(f"model.attention.max_distance must be a positive integer (got {att.max_distance})")
+        if att.type == AttentionType.local:
+            raise ConfigError("model.attention.position_bias=relative is for global attention; local attention "
+                              "already restricts each step to a window around its position")
     if att.coverage:
         if not additive or att.type == AttentionType.local or att.heads > 1:
             raise ConfigError("model.attention.coverage=true feeds the coverage vector into an additive score of "
@@ -166,12 +182,14 @@ def build_attention(cfg: ModelConfig, query_size: int, value_size: int) -> Atten
     if att.type == AttentionType.none:
         return NoAttention(query_size, value_size)
     scorer: AdditiveAttention | MultiplicativeAttention
+    distance = att.max_distance if att.position_bias == PositionBias.relative else 0
     if att.type == AttentionType.bahdanau or att.score == LuongScore.concat:
-        scorer = AdditiveAttention(query_size, value_size, att.hidden_size, att.heads, att.normalizer, att.coverage)
+        scorer = AdditiveAttention(query_size, value_size, att.hidden_size, att.heads, att.normalizer, att.coverage,
+                                   distance)
     else:
         scorer = MultiplicativeAttention(query_size, value_size, general=att.score == LuongScore.general,
                                          scaled=att.score == LuongScore.scaled_dot, heads=att.heads,
-                                         normalizer=att.normalizer)
+                                         normalizer=att.normalizer, relative_distance=distance)
     if att.type == AttentionType.local:
         return LocalAttention(scorer, att.window, predictive=att.mode == LocalMode.predictive)
     return scorer

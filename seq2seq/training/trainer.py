@@ -196,6 +196,11 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.train_src = token_ids(data.train, "src_ids")
         self.train_tgt = token_ids(data.train, "tgt_ids")
+        relative = getattr(self.model.decoder.attention, "relative", None)
+        if relative is not None:  # the expected source position of step t is t * rho (a resume restores it)
+            rho = (self.train_src.lengths().sum() + len(self.train_src)) / max(1, self.train_tgt.lengths().sum()
+                                                                                + len(self.train_tgt))
+            relative.length_ratio.fill_(float(rho))
         self.sampler = TokenBatchSampler(self.train_src.lengths(), self.train_tgt.lengths(),
                                          cfg.trainer.max_tokens, cfg.trainer.max_sentences, cfg.seed)
         world = self.dist.world_size
