@@ -167,3 +167,19 @@ def prepared(tmp_path_factory):
 def kernels(request) -> str:
     """Each engine in turn: tests that take this run on both (``helpers_model.engine_of``)."""
     return request.param
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The attention lab's variants have no CPU kernels: ``kernels=fast`` hands them to the
+    reference engine (tests/test_attention_lab.py checks that), so their ``fast`` cases would
+    repeat the ``reference`` ones. They are deselected, not skipped: nothing is left untested."""
+    from helpers_model import LAB
+
+    lab = set(LAB)
+    keep, repeats = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        (repeats if params.get("kernels") == "fast" and params.get("variant") in lab else keep).append(item)
+    if repeats:
+        config.hook.pytest_deselected(items=repeats)
+        items[:] = keep
