@@ -18,7 +18,7 @@ from seq2seq.core.runlock import lock_run_dir
 from seq2seq.core.tracking import Tracker
 from seq2seq.data.corpus import ALIGN_COLUMN, check_languages, load_corpus, read_lines
 from seq2seq.data.prepare import prepare_data
-from seq2seq.evaluation.alignment import attention_links, format_links
+from seq2seq.evaluation.alignment import format_links
 from seq2seq.evaluation.evaluate import (
     LoadedModel,
     check_eval_config,
@@ -26,13 +26,13 @@ from seq2seq.evaluation.evaluate import (
     eval_dir_name,
     evaluate,
     find_checkpoint,
+    hypothesis_alignments,
     load_model,
     translate_lines,
 )
 from seq2seq.evaluation.report import EvalReport
 from seq2seq.model.network import check_model_config
 from seq2seq.search.common import check_search_config
-from seq2seq.search.translate import attention_pass
 from seq2seq.training.distributed import Dist
 from seq2seq.training.trainer import Trainer, check_trainer_config
 
@@ -336,12 +336,9 @@ def _flush(loaded, lines: list[str], search, stream_out, alignments: bool) -> in
             stream_out.write(hyp + "\n")
     else:
         decoded = decode_lines(loaded, lines, search)
-        weights, _ = attention_pass(loaded.engine, decoded.src_ids, decoded.hyp_ids, loaded.device,
-                                    loaded.amp_dtype, max(1, search.batch_size))
         links = [""] * len(lines)
-        for k, i in enumerate(decoded.todo):
-            links[i] = format_links(attention_links(weights[k], loaded.tokenizer.src_pieces(decoded.clean[k]),
-                                                    loaded.tokenizer.tgt_pieces(decoded.hyp_ids[k])))
+        for i, found in zip(decoded.todo, hypothesis_alignments(loaded, decoded, max(1, search.batch_size))):
+            links[i] = format_links(found)
         for hyp, link in zip(decoded.texts, links):
             stream_out.write(f"{hyp}\t{link}\n")
     stream_out.flush()

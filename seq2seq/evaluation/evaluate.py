@@ -177,14 +177,26 @@ def write_heatmaps(loaded: LoadedModel, decoded: Decoded, weights: list[torch.Te
     return paths
 
 
+def _alignments(loaded: LoadedModel, decoded: Decoded, outputs: list[list[int]],
+                batch_size: int = 64) -> list[set[tuple[int, int]]]:
+    """Word links of the attention of a teacher-forced pass over each translated source of
+    ``decoded`` and its output ``outputs[k]`` (seq2seq/evaluation/alignment.py)."""
+    weights, _ = attention_pass(loaded.engine, decoded.src_ids, outputs, loaded.device, loaded.amp_dtype,
+                                batch_size)
+    return [attention_links(w, loaded.tokenizer.src_pieces(src), loaded.tokenizer.tgt_pieces(ids))
+            for w, src, ids in zip(weights, decoded.clean, outputs)]
+
+
+def hypothesis_alignments(loaded: LoadedModel, decoded: Decoded, batch_size: int = 64) -> list[set[tuple[int, int]]]:
+    """Word alignments of each translation of ``decoded`` to its source, as its attention gives them."""
+    return _alignments(loaded, decoded, decoded.hyp_ids, batch_size)
+
+
 def reference_alignments(loaded: LoadedModel, decoded: Decoded, refs: list[str]) -> list[set[tuple[int, int]]]:
     """Word alignments the model's attention gives each (source, reference) pair it is forced to
-    produce: the pairs of ``decoded.todo`` (seq2seq/evaluation/alignment.py)."""
+    produce: the pairs of ``decoded.todo``."""
     clean_refs = [normalize(refs[i])[0] for i in decoded.todo]
-    ref_ids = [list(x) for x in loaded.tokenizer.encode_tgt(clean_refs)]
-    weights, _ = attention_pass(loaded.engine, decoded.src_ids, ref_ids, loaded.device, loaded.amp_dtype)
-    return [attention_links(w, loaded.tokenizer.src_pieces(src), loaded.tokenizer.tgt_pieces(ids))
-            for w, src, ids in zip(weights, decoded.clean, ref_ids)]
+    return _alignments(loaded, decoded, [list(x) for x in loaded.tokenizer.encode_tgt(clean_refs)])
 
 
 def score_alignments(loaded: LoadedModel, decoded: Decoded, refs: list[str], raw_src: list[str], gold: list[str],

@@ -55,21 +55,23 @@ class _Rows(NamedTuple):
                      AttentionMemory(*(t[start:stop] for t in self.memory[:3])))
 
 
+def _pad_sources(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` (rows, S, ...) with zeros appended along the source axis up to ``width`` positions."""
+    return torch.cat([t, t.new_zeros((t.size(0), width - t.size(1), *t.shape[2:]))], dim=1)
+
+
 def _widen(memory: AttentionMemory, width: int) -> AttentionMemory:
     """``memory`` over a source axis of ``width`` positions, the new ones masked."""
-    extra = width - memory.mask.size(1)
-    if extra <= 0:
+    if width <= memory.mask.size(1):
         return memory
-    return AttentionMemory(*(torch.cat([t, t.new_zeros((t.size(0), extra, *t.shape[2:]))], dim=1)
-                             for t in memory[:3]))
+    return AttentionMemory(*(_pad_sources(t, width) for t in memory[:3]))
 
 
 def _widen_coverage(state: DecoderState, width: int) -> DecoderState:
     """A coverage model's state over a source axis of ``width`` positions (the new ones unseen)."""
-    cov = state.coverage
-    if cov is None or cov.size(1) >= width:
+    if state.coverage is None or state.coverage.size(1) >= width:
         return state
-    return state._replace(coverage=torch.cat([cov, cov.new_zeros(cov.size(0), width - cov.size(1))], dim=1))
+    return state._replace(coverage=_pad_sources(state.coverage, width))
 
 
 def _concat(parts: list[_Rows]) -> _Rows:

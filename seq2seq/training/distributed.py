@@ -225,20 +225,9 @@ class Dist:
         error and the others end with the same status (``ReportedByPrimary``)."""
         if not self.distributed:
             return fn()
-        result, failure = None, None
-        if self.is_primary:
-            try:
-                result = fn()
-            except Seq2SeqError as err:
-                failure = err
-            self.broadcast_object(failure.exit_code if failure else 0, what)
-            if failure is not None:
-                raise failure
-            return result  # type: ignore[return-value]
-        code = self.broadcast_object(0, what)
-        if code:
-            raise ReportedByPrimary(code)
-        return fn()
+        held: list[T] = []  # rank 0's result stays on rank 0: only the outcome is shared
+        self.on_primary(what, lambda: held.append(fn()))
+        return held[0] if self.is_primary else fn()
 
     def close(self) -> None:
         if self.distributed and torch_dist.is_initialized():

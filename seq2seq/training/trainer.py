@@ -520,7 +520,7 @@ class Trainer:
             p.consecutive_oom += 1
             p.consecutive_skipped = 0
             tracker.scalars({"train/oom_skipped": p.oom_steps}, p.step)
-            if self.dist.distributed:  # every rank skips; the rank that ran out says so in its own log line
+            if self.dist.distributed:  # every rank skips; which rank ran out, and on what batch, is not known here
                 log.warning("step %d: a rank ran out of memory; update skipped on every rank (%d so far); lower "
                             "trainer.max_tokens if this repeats", p.step, p.oom_steps)
             else:
