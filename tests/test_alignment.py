@@ -135,3 +135,13 @@ def test_translate_prints_each_translation_with_its_alignment(run, tmp_path, cac
     assert lines[1] == "\t"  # an empty line stays empty
     for line in lines:
         parse_links(line.split("\t")[1], "output")
+
+
+def test_alignments_need_an_attention_model(tmp_path, cache_dir):
+    ok(run_cli("seq2seq-train", ["experiment=smoke", "model/attention=none", "trainer.max_steps=2",
+                                 "trainer.valid_every=2", "trainer.evaluate_at_end=false"], tmp_path, cache_dir))
+    [none_run] = run_dirs(tmp_path)
+    proc = run_cli("seq2seq-translate", [f"run_dir={none_run}", "alignments=true"], tmp_path, cache_dir,
+                   stdin=b"ba ki du .\n")
+    one_line_error(proc, "alignments=true needs an attention model")
+    assert proc.stdout == b""

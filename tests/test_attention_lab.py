@@ -184,10 +184,17 @@ def test_a_variant_trains_evaluates_and_translates(overrides, description, tmp_p
     assert len(out.stdout.splitlines()) == 2
 
 
-def test_a_bad_combination_is_refused_before_anything_runs(tmp_path, cache_dir):
-    proc = run_cli("seq2seq-train", [*SHORT, "model/attention=none", "model.attention.heads=2"], tmp_path,
-                   cache_dir)
-    one_line_error(proc, "model.attention.heads=2 needs an attention")
+@pytest.mark.parametrize("overrides, fragment", [
+    (["model/attention=none", "model.attention.heads=2"], "model.attention.heads=2 needs an attention"),
+    (["model/attention=local", "model.attention.window=0"], "model.attention.window must be a positive integer"),
+    (["model/attention=local", "model.attention.position_bias=relative"], "is for global attention"),
+    (["model/attention=luong", "model.attention.coverage=true"], "feeds the coverage vector into an additive"),
+    (["trainer.coverage_loss=-1"], "trainer.coverage_loss must be 0 (off) or a positive number"),
+    (["model.attention.heads=5"], "model.attention.heads=5 must divide"),
+])
+def test_a_bad_combination_is_refused_before_anything_runs(overrides, fragment, tmp_path, cache_dir):
+    proc = run_cli("seq2seq-train", [*SHORT, *overrides], tmp_path, cache_dir)
+    assert fragment in one_line_error(proc)
     assert not (tmp_path / "outputs").exists()
 
 
