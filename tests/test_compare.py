@@ -23,6 +23,7 @@ from seq2seq.evaluation.report import EvalReport
 
 BLEU_SIG = "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0"
 CHRF_SIG = "nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.6.0"
+LC_SIG = "nrefs:1|case:lc|eff:no|tok:13a|smooth:exp|version:2.6.0"
 GREEDY = {"beam_size": 1, "length_penalty": 1.0, "max_len_ratio": 2.0, "max_len_offset": 10}
 NOUNS = ["cat", "dog", "bird", "horse", "child", "woman", "man"]
 N = 40
@@ -68,7 +69,7 @@ def make_run(root: Path, name: str, *, attention: str = "bahdanau", seed: int = 
     report = EvalReport(
         corpus="toy", split="test", src_lang="de", tgt_lang="en", model=model,
         checkpoint=str(run / "checkpoints" / "best.pt"), search=dict(search or GREEDY),
-        score=CorpusScore(bleu, chrf, bleu_sig, CHRF_SIG, 400, 410, 400 / 410), buckets=buckets,
+        score=CorpusScore(bleu, chrf, bleu_sig, CHRF_SIG, 400, 410, 400 / 410, bleu + 1, LC_SIG), buckets=buckets,
         num_sentences=N, bootstrap={"samples": 50, "seed": 1, "confidence": 0.95},
         created="2024-05-01T12:00:00+00:00")
     out = run / "eval" / eval_name
@@ -130,8 +131,8 @@ def test_groups_means_and_std_over_seeds(sweep):
     assert set(paths) == {"comparison.md", "comparison.csv", "comparison.json", "bleu_by_length.png",
                           "bleu_by_length_relative.png"}
     assert all(p.parent == sweep and p.stat().st_size > 0 for p in paths.values())
-    assert "| bahdanau | 3 | 22.00 ± 2.00 | 52.00 ± 2.00 | 27.00 ± 2.00 | 17.00 ± 2.00 |" in table
-    assert "| luong-general-feed | 1 | 15.00 | 50.00 |" in table
+    assert "| bahdanau | 3 | 22.00 ± 2.00 | 23.00 ± 2.00 | 52.00 ± 2.00 | 27.00 ± 2.00 | 17.00 ± 2.00 |" in table
+    assert "| luong-general-feed | 1 | 15.00 | 16.00 | 50.00 |" in table
     assert "21+" not in table.splitlines()[0]  # an empty bucket gets no column
 
 

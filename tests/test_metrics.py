@@ -94,6 +94,18 @@ def test_corpus_score_equals_sacrebleu_cli(tmp_path):
         check=True,
     )
     assert float(out.stdout.strip()) == round(corpus_score(HYPS, REFS).bleu, 6)
+    lowercased = subprocess.run([sys.executable, "-m", "sacrebleu", str(ref), "-i", str(hyp), "-b", "-m", "bleu",
+                                 "-w", "6", "-lc"], capture_output=True, text=True, check=True)
+    assert float(lowercased.stdout.strip()) == round(corpus_score(HYPS, REFS).bleu_lc, 6)
+
+
+def test_lowercased_bleu_ignores_case_only():
+    refs = ["The cat sat on the mat .", "A dog runs in the Park ."]
+    shouted = [r.upper() for r in refs]
+    s = corpus_score(shouted, refs)
+    assert s.bleu_lc == pytest.approx(100.0) and s.bleu < 10.0
+    assert s.bleu_lc == sacrebleu.corpus_bleu(shouted, [refs], lowercase=True).score
+    assert "case:lc" in s.bleu_lc_signature and "case:mixed" in s.bleu_signature
 
 
 def test_corpus_score_validates():

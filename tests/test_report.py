@@ -37,6 +37,8 @@ TOP_KEYS = {
 }
 SCORE_KEYS = {
     "bleu",
+    "bleu_lc",
+    "bleu_lc_signature",
     "chrf",
     "bleu_signature",
     "chrf_signature",
@@ -93,6 +95,14 @@ def test_schema_keys(report):
     assert set(full["bleu_ci"]) == {"low", "high"}
     assert empty["count"] == 0 and empty["bleu"] is None and empty["bleu_ci"] is None
     assert empty["high"] is None
+
+
+def test_reports_written_before_the_lowercased_score_still_load(report):
+    d = report.to_dict()
+    assert d["score"]["bleu_lc"] is not None and "case:lc" in d["score"]["bleu_lc_signature"]
+    del d["score"]["bleu_lc"], d["score"]["bleu_lc_signature"]
+    old = EvalReport.from_dict(d)
+    assert old.score.bleu_lc is None and old.score.bleu == report.score.bleu
 
 
 def test_from_dict_rejects_other_versions(report):

@@ -52,6 +52,54 @@ def test_resume_continues_exactly(prepared, tmp_path: Path) -> None:
     assert got + rest == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
+def record_validations(trainer: Trainer) -> list[int]:
+    """Wrap validate so the step of every validation is kept."""
+    steps: list[int] = []
+    original = trainer.validate
+
+    def validate(tracker):
+        steps.append(trainer.progress.step)
+        return original(tracker)
+
+    trainer.validate = validate  # type: ignore[method-assign]
+    return steps
+
+
+def test_valid_each_epoch_validates_at_epoch_ends_once_and_resumes_there(prepared, tmp_path: Path) -> None:
+    cache, data = prepared
+    # 29 batches an epoch: valid_every=25 and the epoch ends give 25, 29, 50, 58, then the final 60.
+    cfg = smoke_config(cache, "trainer.max_steps=60", "trainer.valid_every=25", "trainer.patience=0",
+                       "trainer.valid_each_epoch=true")
+    full = Trainer(cfg, data, tmp_path / "full")
+    expected, validated = record_losses(full), record_validations(full)
+    full.fit()
+    assert validated == [25, 29, 50, 58, 60]
+    # an epoch that ends on a valid_every step is validated once
+    once = Trainer(smoke_config(cache, "trainer.max_steps=29", "trainer.valid_every=29", "trainer.patience=0",
+                                "trainer.valid_each_epoch=true"), data, tmp_path / "once")
+    steps = record_validations(once)
+    once.fit()
+    assert steps == [29]
+    # by default only valid_every and the final state
+    plain = Trainer(smoke_config(cache, "trainer.max_steps=60", "trainer.valid_every=25", "trainer.patience=0"),
+                    data, tmp_path / "plain")
+    steps = record_validations(plain)
+    plain.fit()
+    assert steps == [25, 50, 60]
+    # the checkpoint of the epoch-end validation resumes at the start of the next epoch
+    first = Trainer(smoke_config(cache, "trainer.max_steps=null", "trainer.max_epochs=1", "trainer.valid_every=25",
+                                 "trainer.patience=0", "trainer.valid_each_epoch=true"), data, tmp_path / "split")
+    got, steps = record_losses(first), record_validations(first)
+    first.fit()
+    assert steps == [25, 29]
+    second = Trainer(cfg, data, tmp_path / "split")
+    second.restore()
+    assert (second.progress.step, second.progress.epoch, second.progress.batch_in_epoch) == (29, 1, 0)
+    rest = record_losses(second)
+    second.fit()
+    assert got + rest == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
 def test_resume_with_optimizer_state_of_another_schedule_is_refused_by_name(prepared, tmp_path: Path) -> None:
     """A checkpoint whose schedule state does not fit (the config switched from plateau to a
     per-update schedule between runs) stops with one line naming the checkpoint, not a KeyError."""

@@ -216,7 +216,10 @@ class TrainerConfig:
     num_threads: int = 0  # CPU threads; 0 uses every core
     max_tokens: int = 4096  # per batch, padding included: sentences x longest side
     max_sentences: int = 256
-    valid_every: int = 500  # steps; also validated at the end of each epoch
+    valid_every: int = 500  # steps between validations (and the final state is always validated)
+    # Also validate when an epoch ends (as fairseq does), so the plateau schedule and early
+    # stopping see every epoch; off by default: on a big corpus an epoch is far apart from valid_every.
+    valid_each_epoch: bool = False
     log_every: int = 50
     patience: int = 10  # validations without a better valid BLEU before stopping; 0 = never
     valid_max_sentences: int | None = None  # cap on the sentences decoded for valid BLEU

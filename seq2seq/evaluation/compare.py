@@ -118,6 +118,7 @@ def make_group(label: str, runs: list[Run]) -> Group:
     runs = sorted(runs, key=lambda r: (r.seed is None, r.seed or 0, natural_key(r.path)))
     reports = [r.report for r in runs]
     metrics = {"bleu": mean_std([rep.score.bleu for rep in reports]),  # type: ignore[union-attr]
+               "bleu_lc": mean_std([rep.score.bleu_lc for rep in reports]),  # type: ignore[union-attr]
                "chrf": mean_std([rep.score.chrf for rep in reports])}  # type: ignore[union-attr]
     for i, b in enumerate(reports[0].buckets):  # type: ignore[union-attr]
         metrics[f"bleu_len_{b.label}"] = mean_std([rep.buckets[i].bleu for rep in reports])  # type: ignore[union-attr]

@@ -77,14 +77,14 @@ def _attention_shown(c: Comparison) -> bool:
 def markdown_table(c: Comparison) -> str:
     buckets = bucket_columns(c)
     attention = list(ATTENTION_COLUMNS) if _attention_shown(c) else []
-    header = ["config", "runs", "BLEU", "chrF", *(f"BLEU {lb} (n={n})" for lb, n in buckets),
+    header = ["config", "runs", "BLEU", "BLEU lc", "chrF", *(f"BLEU {lb} (n={n})" for lb, n in buckets),
               *(ATTENTION_COLUMNS[k] for k in attention),
               "params", "train time", "tok/s", "best step", "ΔBLEU [95% CI]", "p"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for g in c.groups:
         m = g.metrics
         params, seconds = m["num_parameters"][0], m["train_seconds"]
-        row = [g.label, str(len(g.runs)), _pm(*m["bleu"]), _pm(*m["chrf"]),
+        row = [g.label, str(len(g.runs)), _pm(*m["bleu"]), _pm(*m["bleu_lc"]), _pm(*m["chrf"]),
                *(_pm(*m[f"bleu_len_{lb}"]) for lb, _ in buckets),
                *(_pm(*m[f"attention_{k}"], digits=3) for k in attention),
                EMPTY if params is None else f"{round(params):,}",
@@ -100,7 +100,9 @@ def _settings(c: Comparison) -> list[str]:
     lines = [f"Test set: {r.corpus}/{r.split} ({r.src_lang}->{r.tgt_lang}), {r.num_sentences} sentences"
              + (f", refs.txt sha256 {c.refs_sha256[:16]}" if c.refs_sha256 else ""),
              f"Search: {c.search} ({search})",
-             f"BLEU: {r.score.bleu_signature}", f"chrF: {r.score.chrf_signature}"]
+             f"BLEU: {r.score.bleu_signature}",
+             *([f"BLEU lc: {r.score.bleu_lc_signature}"] if r.score.bleu_lc_signature else []),
+             f"chrF: {r.score.chrf_signature}"]
     b = c.bootstrap
     if b["computed"]:
         lines.append(f"ΔBLEU: paired bootstrap ({b['samples']} resamples, seed {b['seed']}) of each "
@@ -169,7 +171,8 @@ def comparison_json(c: Comparison) -> dict[str, Any]:
         "test_set": {"corpus": r.corpus, "split": r.split, "src_lang": r.src_lang, "tgt_lang": r.tgt_lang,
                      "num_sentences": r.num_sentences, "refs_sha256": c.refs_sha256},
         "search": {"label": c.search, **r.search},
-        "signatures": {"bleu": r.score.bleu_signature, "chrf": r.score.chrf_signature},
+        "signatures": {"bleu": r.score.bleu_signature, "bleu_lc": r.score.bleu_lc_signature,
+                       "chrf": r.score.chrf_signature},
         "baseline": c.baseline,
         "bootstrap": {**c.bootstrap, "confidence": 0.95, "pairs": "first run (lowest seed) per config"},
         "configs": [{**row, "runs": [str(x.path) for x in g.runs]}

@@ -34,6 +34,9 @@ class CorpusScore:
     hyp_len: int  # BLEU's tokenized lengths
     ref_len: int
     length_ratio: float  # hyp_len / ref_len (0.0 if ref_len == 0)
+    # sacreBLEU -lc: the case-insensitive score most papers report; None in reports written before it
+    bleu_lc: float | None = None
+    bleu_lc_signature: str | None = None
 
 
 @dataclass(frozen=True)
@@ -136,13 +139,15 @@ def _percentile_interval(values: np.ndarray, confidence: float) -> Interval:
 
 
 def corpus_score(hyps: list[str], refs: list[str]) -> CorpusScore:
-    """sacreBLEU BLEU and chrF (default settings) of ``hyps`` against one raw reference each."""
+    """sacreBLEU BLEU and chrF (default settings) of ``hyps`` against one raw reference each,
+    and the lowercased BLEU (``sacrebleu -lc``), each with its signature."""
     _check_same_length(hyps=hyps, refs=refs)
     if not hyps:
         raise ValueError("cannot score an empty corpus (no hypotheses)")
-    bleu_metric, chrf_metric = BLEU(), CHRF()
+    bleu_metric, chrf_metric, lc_metric = BLEU(), CHRF(), BLEU(lowercase=True)
     bleu = bleu_metric.corpus_score(hyps, [refs])
     chrf = chrf_metric.corpus_score(hyps, [refs])
+    lc = lc_metric.corpus_score(hyps, [refs])
     return CorpusScore(
         bleu=float(bleu.score),
         chrf=float(chrf.score),
@@ -151,6 +156,8 @@ def corpus_score(hyps: list[str], refs: list[str]) -> CorpusScore:
         hyp_len=int(bleu.sys_len),
         ref_len=int(bleu.ref_len),
         length_ratio=_ratio(int(bleu.sys_len), int(bleu.ref_len)),
+        bleu_lc=float(lc.score),
+        bleu_lc_signature=str(lc_metric.get_signature()),
     )
 
 

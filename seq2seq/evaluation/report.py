@@ -18,7 +18,9 @@ report.json schema (``schema_version`` 1)::
         "bleu_signature": "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0",
         "chrf_signature": "nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.6.0",
         "hyp_len": 80120, "ref_len": 81377,  # BLEU's 13a-tokenized lengths
-        "length_ratio": 0.9846               # hyp_len / ref_len
+        "length_ratio": 0.9846,              # hyp_len / ref_len
+        "bleu_lc": 28.02,                    # lowercased (sacrebleu -lc), as most papers report
+        "bleu_lc_signature": "nrefs:1|case:lc|eff:no|tok:13a|smooth:exp|version:2.6.0"
       },
       "bootstrap": {"samples": 1000, "seed": 12345, "confidence": 0.95},
       "buckets": [                          # by source length in words, in order
@@ -167,6 +169,7 @@ def _headline(report: EvalReport) -> list[str]:
         f"{report.num_sentences} sentences",
         f"Search: {search}",
         f"BLEU: {s.bleu:.2f}    ({s.bleu_signature})",
+        *([f"BLEU lowercased: {s.bleu_lc:.2f}    ({s.bleu_lc_signature})"] if s.bleu_lc is not None else []),
         f"chrF: {s.chrf:.2f}    ({s.chrf_signature})",
         f"Length ratio: {s.length_ratio:.3f} (hyp_len {s.hyp_len} / ref_len {s.ref_len})",
         f"Bootstrap: {bs.get('samples')} resamples within each bucket, seed {bs.get('seed')}, "

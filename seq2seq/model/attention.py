@@ -30,9 +30,45 @@ class AttentionMemory(NamedTuple):
     values: torch.Tensor  # (B, S, D) encoder states that contexts are averaged from
     mask: torch.Tensor  # (B, S) True at real tokens
 
+    # What search does with rows of memories (seq2seq/search/continuous.py).
+
     def select(self, index: torch.Tensor) -> AttentionMemory:
         """Rows ``index`` of the batch (search compacts with this)."""
         return AttentionMemory(*(t.index_select(0, index) for t in self))
+
+    @property
+    def width(self) -> int:
+        """Source positions (padding included)."""
+        return self.mask.size(1)
+
+    def rows(self, start: int, stop: int) -> AttentionMemory:
+        """Rows ``start:stop`` (views)."""
+        return AttentionMemory(*(t[start:stop] for t in self))
+
+    def widen(self, width: int) -> AttentionMemory:
+        """The memory over a source axis of ``width`` positions, the new ones masked."""
+        if width <= self.width:
+            return self
+        return AttentionMemory(*(pad_sources(t, width) for t in self))
+
+    @staticmethod
+    def cat(memories: list[AttentionMemory], width: int) -> AttentionMemory:
+        """The memories' rows as one fresh memory over ``width`` source positions."""
+        memories = [m.widen(width) for m in memories]
+        return AttentionMemory(*(torch.cat([m[i] for m in memories]) for i in range(len(AttentionMemory._fields))))
+
+    def put(self, rows: torch.Tensor, src: AttentionMemory) -> AttentionMemory:
+        """This memory, widened to ``src``'s width if narrower, with rows ``rows`` overwritten by
+        ``src``'s (whose dtype may differ: the encoder's output dtype may vary by batch)."""
+        dest, src = self.widen(src.width), src.widen(self.width)
+        for d, s in zip(dest, src, strict=True):
+            d.index_copy_(0, rows, s.to(d.dtype))
+        return dest
+
+
+def pad_sources(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` (rows, S, ...) with zeros appended along the source axis up to ``width`` positions."""
+    return torch.cat([t, t.new_zeros((t.size(0), width - t.size(1), *t.shape[2:]))], dim=1)
 
 
 class AttentionResult(NamedTuple):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from seq2seq.model.attention import Attention, AttentionMemory
+from seq2seq.model.attention import Attention, AttentionMemory, pad_sources
 
 
 class DecoderState(NamedTuple):
@@ -33,11 +33,48 @@ class DecoderState(NamedTuple):
     # (B, S) float32 attention each source position has had so far, for coverage models; else None
     coverage: torch.Tensor | None = None
 
+    # What search does with rows of states (seq2seq/search/continuous.py): select, take a range,
+    # concatenate, overwrite some rows, and widen the source axis of the coverage vector.
+
     def select(self, index: torch.Tensor) -> DecoderState:
         return DecoderState(self.hidden.index_select(1, index), self.cell.index_select(1, index),
                             self.feed.index_select(0, index),
                             None if self.step is None else self.step.index_select(0, index),
                             None if self.coverage is None else self.coverage.index_select(0, index))
+
+    def rows(self, start: int, stop: int) -> DecoderState:
+        """Rows ``start:stop`` (views)."""
+        return DecoderState(self.hidden[:, start:stop], self.cell[:, start:stop], self.feed[start:stop],
+                            None if self.step is None else self.step[start:stop],
+                            None if self.coverage is None else self.coverage[start:stop])
+
+    def widen(self, width: int) -> DecoderState:
+        """The state over a source axis of ``width`` positions: a coverage vector gets unseen ones."""
+        if self.coverage is None or self.coverage.size(1) >= width:
+            return self
+        return self._replace(coverage=pad_sources(self.coverage, width))
+
+    @staticmethod
+    def cat(states: list[DecoderState], width: int) -> DecoderState:
+        """The states' rows as one fresh state over a source axis of ``width`` positions."""
+        states = [s.widen(width) for s in states]
+        first = states[0]
+        return DecoderState(torch.cat([s.hidden for s in states], dim=1), torch.cat([s.cell for s in states], dim=1),
+                            torch.cat([s.feed for s in states]),
+                            None if first.step is None else torch.cat([s.step for s in states]),
+                            None if first.coverage is None else torch.cat([s.coverage for s in states]))
+
+    def put(self, rows: torch.Tensor, src: DecoderState, width: int) -> DecoderState:
+        """This state with its rows ``rows`` overwritten (in place) by ``src``'s, widened to ``width``
+        first. A fresh state may differ in dtype from a decoded one: bf16 from the bridge under
+        autocast, float32 from the LSTM cell."""
+        dest, src = self.widen(width), src.widen(width)
+        for axis, d, s in ((1, dest.hidden, src.hidden), (1, dest.cell, src.cell), (0, dest.feed, src.feed)):
+            d.index_copy_(axis, rows, s.to(d.dtype))
+        for d, s in ((dest.step, src.step), (dest.coverage, src.coverage)):
+            if d is not None:
+                d.index_copy_(0, rows, s)
+        return dest
 
 
 class DecoderOutput(NamedTuple):

@@ -23,8 +23,6 @@ import torch
 from seq2seq.core.config import SearchConfig
 from seq2seq.data.batching import Batch
 from seq2seq.data.tokenizer import BOS_ID, EOS_ID
-from seq2seq.model.attention import AttentionMemory
-from seq2seq.model.decoder import DecoderState
 from seq2seq.model.engine import Engine
 from seq2seq.search.common import (
     SENTENCE_MULTIPLE,
@@ -38,54 +36,30 @@ from seq2seq.search.stepscores import beam_candidates, greedy_choice
 
 
 class _Rows(NamedTuple):
-    """Encoded sentences: their indices, length caps, initial decoder states and memories."""
+    """Encoded sentences: their indices, length caps, initial decoder states and memories.
+    ``state`` and ``memory`` are any types with the row operations of ``DecoderState`` and
+    ``AttentionMemory`` (select, rows, cat, put, widen): one model's, or an ensemble's."""
 
     ids: torch.Tensor  # (N,) sentence indices (``Batch.indices``)
     limit: torch.Tensor  # (N,) output cap, EOS included
-    state: DecoderState
-    memory: AttentionMemory
+    state: Any
+    memory: Any
 
     def __len__(self) -> int:
         return self.ids.numel()
 
     def slice(self, start: int, stop: int) -> _Rows:
-        return _Rows(self.ids[start:stop], self.limit[start:stop],
-                     DecoderState(*(None if x is None else x[:, start:stop] if i < 2 else x[start:stop]
-                                    for i, x in enumerate(self.state))),
-                     AttentionMemory(*(t[start:stop] for t in self.memory[:3])))
-
-
-def _pad_sources(t: torch.Tensor, width: int) -> torch.Tensor:
-    """``t`` (rows, S, ...) with zeros appended along the source axis up to ``width`` positions."""
-    return torch.cat([t, t.new_zeros((t.size(0), width - t.size(1), *t.shape[2:]))], dim=1)
-
-
-def _widen(memory: AttentionMemory, width: int) -> AttentionMemory:
-    """``memory`` over a source axis of ``width`` positions, the new ones masked."""
-    if width <= memory.mask.size(1):
-        return memory
-    return AttentionMemory(*(_pad_sources(t, width) for t in memory[:3]))
-
-
-def _widen_coverage(state: DecoderState, width: int) -> DecoderState:
-    """A coverage model's state over a source axis of ``width`` positions (the new ones unseen)."""
-    if state.coverage is None or state.coverage.size(1) >= width:
-        return state
-    return state._replace(coverage=_pad_sources(state.coverage, width))
+        return _Rows(self.ids[start:stop], self.limit[start:stop], self.state.rows(start, stop),
+                     self.memory.rows(start, stop))
 
 
 def _concat(parts: list[_Rows]) -> _Rows:
     """The parts' rows as one set of fresh tensors (never views of a batch still being drawn)."""
-    width = max(p.memory.mask.size(1) for p in parts)
-    memories = [_widen(p.memory, width) for p in parts]
-    states = [_widen_coverage(p.state, width) for p in parts]
+    width = max(p.memory.width for p in parts)
+    first = parts[0]
     return _Rows(torch.cat([p.ids for p in parts]), torch.cat([p.limit for p in parts]),
-                 DecoderState(torch.cat([s.hidden for s in states], dim=1),
-                              torch.cat([s.cell for s in states], dim=1),
-                              torch.cat([s.feed for s in states]),
-                              None if states[0].step is None else torch.cat([s.step for s in states]),
-                              None if states[0].coverage is None else torch.cat([s.coverage for s in states])),
-                 AttentionMemory(*(torch.cat([m[i] for m in memories]) for i in range(3))))
+                 type(first.state).cat([p.state for p in parts], width),
+                 type(first.memory).cat([p.memory for p in parts], width))
 
 
 class _Source:
@@ -164,10 +138,7 @@ class _Sentences:
         return int(left.min()) - 1
 
     def _replace(self, slots: torch.Tensor, rows: _Rows) -> None:
-        width = max(self.memory.mask.size(1), rows.memory.mask.size(1))
-        self.memory, memory = _widen(self.memory, width), _widen(rows.memory, width)
-        for dest, src in zip(self.memory[:3], memory[:3]):
-            dest.index_copy_(0, slots, src.to(dest.dtype))  # the encoder's dtype may vary by batch
+        self.memory = self.memory.put(slots, rows.memory)
         self.ids.index_copy_(0, slots, rows.ids)
         self.limit.index_copy_(0, slots, rows.limit)
         _fill(slots, ((self.t, 0), (self.finished, False)))
@@ -177,19 +148,6 @@ class _Sentences:
             x.index_select(0, keep) for x in (self.ids, self.limit, self.t, self.finished))
         self.memory = self.memory.select(keep)
         self.sentences = torch.arange(keep.numel(), device=keep.device)
-
-
-def _copy_state(dest: DecoderState, rows: torch.Tensor, src: DecoderState, width: int) -> DecoderState:
-    """``dest`` with its rows ``rows`` from ``src`` (a fresh state may differ in dtype from a
-    decoded one: bf16 from the bridge under autocast, float32 from the LSTM cell); a coverage
-    vector is widened to the memory's ``width`` first."""
-    dest, src = _widen_coverage(dest, width), _widen_coverage(src, width)
-    for axis, d, s in ((1, dest.hidden, src.hidden), (1, dest.cell, src.cell), (0, dest.feed, src.feed)):
-        d.index_copy_(axis, rows, s.to(d.dtype))
-    for d, s in ((dest.step, src.step), (dest.coverage, src.coverage)):
-        if d is not None:
-            d.index_copy_(0, rows, s)
-    return dest
 
 
 class _GreedyPool(_Sentences):
@@ -229,7 +187,7 @@ class _GreedyPool(_Sentences):
         """New sentences in rows ``slots`` (as many as ``rows`` has; their results are out)."""
         slots = slots[: len(rows)]
         self._replace(slots, rows)
-        self.state = _copy_state(self.state, slots, rows.state, self.memory.mask.size(1))
+        self.state = self.state.put(slots, rows.state, self.memory.width)
         _fill(slots, ((self.score, 0.0), (self.prev, BOS_ID), (self.tokens, EOS_ID)))
 
     def keep(self, keep: torch.Tensor) -> None:
@@ -319,7 +277,7 @@ class _BeamPool(_Sentences):
         self._replace(slots, rows)
         beam_rows = self._beam_rows(slots)
         fresh = rows.state.select(torch.arange(len(rows), device=slots.device).repeat_interleave(self.k))
-        self.state = _copy_state(self.state, beam_rows, fresh, self.memory.mask.size(1))
+        self.state = self.state.put(beam_rows, fresh, self.memory.width)
         first = torch.full((self.k,), float("-inf"), device=slots.device)
         first[0] = 0.0
         self.scores.index_copy_(0, slots, first.repeat(len(rows), 1))

@@ -577,6 +577,15 @@ class Trainer:
                    unit="step", dynamic_ncols=True)
         save_every = cfg.trainer.save_every
         window_start = time.perf_counter()
+        validated_at = -1
+
+        def validate_now(window_start: float) -> tuple[bool, int, float]:
+            """Validate; whether to stop early, the step validated, and the log window's start
+            moved by the validation's time (the window's tokens/s counts training time only)."""
+            start = time.perf_counter()
+            stop = self._after_validation(self.validate(tracker))
+            return stop, p.step, window_start + time.perf_counter() - start
+
         stop = False
         try:
             with logging_redirect_tqdm():
@@ -604,8 +613,7 @@ class Trainer:
                             self._log_window(tracker, bar, time.perf_counter() - window_start)
                             window_start = time.perf_counter()
                         if p.step % cfg.trainer.valid_every == 0:
-                            stop = self._after_validation(self.validate(tracker))
-                            window_start = time.perf_counter()
+                            stop, validated_at, window_start = validate_now(window_start)
                         elif save_every is not None and p.step % save_every == 0:
                             self.save()
                         if result.stop or (not self.dist.distributed and self.stop_signal is not None):
@@ -621,7 +629,11 @@ class Trainer:
                     else:  # epoch finished
                         p.epoch += 1
                         p.batch_in_epoch = 0
-                if p.step % cfg.trainer.valid_every != 0 and not stop:  # the final state is always validated
+                        # After the epoch's bookkeeping, so the checkpoint this validation saves
+                        # resumes at the start of the next epoch.
+                        if cfg.trainer.valid_each_epoch and validated_at != p.step:
+                            stop, validated_at, window_start = validate_now(window_start)
+                if validated_at != p.step and not stop:  # the final state is always validated
                     self._after_validation(self.validate(tracker))
             if stop:
                 log.info("early stopping: no better valid BLEU in %d validations", cfg.trainer.patience)
