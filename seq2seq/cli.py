@@ -27,7 +27,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seq2seq.core.config import EvaluateConfig, TrainConfig, TranslateConfig, register_configs
+from seq2seq.core.config import (
+    AverageConfig,
+    EvaluateConfig,
+    TrainConfig,
+    TranslateConfig,
+    register_configs,
+)
 from seq2seq.core.errors import ConfigError, RunDirError, Seq2SeqError
 from seq2seq.core.files import make_writable_dir
 
@@ -492,11 +498,21 @@ def translate() -> None:
 
         logging.getLogger().setLevel(logging.WARNING)  # stdout carries the translations
         cfg: TranslateConfig = OmegaConf.to_object(dcfg)
-        run_translate(Path(cfg.run_dir), cfg.checkpoint.value, cfg.search, cfg.device, cfg.kernels, sys.stdin,
-                      sys.stdout, cfg.alignments)
+        run_translate(cfg, sys.stdin, sys.stdout)
         return 0
 
     _simple_command("translate", run)
+
+
+def average() -> None:
+    def run(dcfg: DictConfig) -> int:
+        from seq2seq.training.average import average_checkpoints
+
+        cfg: AverageConfig = OmegaConf.to_object(dcfg)
+        print(average_checkpoints(cfg))
+        return 0
+
+    _simple_command("average", run)
 
 
 # ----------------------------------------------------------------------------- seq2seq-compare

@@ -11,7 +11,13 @@ from pathlib import Path
 from datasets import Dataset
 
 from seq2seq.core.checkpoint import step_checkpoints
-from seq2seq.core.config import EvalConfig, EvaluateConfig, SearchConfig, TrainConfig
+from seq2seq.core.config import (
+    EvalConfig,
+    EvaluateConfig,
+    SearchConfig,
+    TrainConfig,
+    TranslateConfig,
+)
 from seq2seq.core.errors import ConfigError, DataError, RunDirError
 from seq2seq.core.files import make_writable_dir, write_text_atomic
 from seq2seq.core.runlock import lock_run_dir
@@ -28,6 +34,7 @@ from seq2seq.evaluation.evaluate import (
     find_checkpoint,
     hypothesis_alignments,
     load_model,
+    load_models,
     translate_lines,
 )
 from seq2seq.evaluation.report import EvalReport
@@ -210,17 +217,18 @@ def log_hparams(run_dir: Path, cfg: TrainConfig, summary: dict, reports: list[Ev
 
 def evaluate_run(run_dir: Path, loaded: LoadedModel, texts: dict[str, tuple[list[str], list[str]]],
                  search: SearchConfig, eval_cfg: EvalConfig, gold: dict[str, list[str] | None] | None = None,
-                 gold_source: str = "the corpus") -> list[tuple[EvalReport, Path]]:
+                 gold_source: str = "the corpus", model: str = "best") -> list[tuple[EvalReport, Path]]:
     """Evaluate ``loaded`` on each split of ``texts`` (split -> raw sources, raw references),
-    writing ``<run dir>/eval/<split>[-<search>]/``; returns each report with its folder. ``gold``:
-    split -> gold word alignments (Pharaoh lines), where known."""
+    writing ``<run dir>/eval/<split>[-<search>][-<model>]/``; returns each report with its folder.
+    ``gold``: split -> gold word alignments (Pharaoh lines), where known; ``model``: which
+    checkpoint (``best``, ``last``, ``averaged``) or ``ensemble<N>``."""
     tracker = Tracker(run_dir)
     reports = []
     try:
         for i, (split, (src, refs)) in enumerate(texts.items()):
             tag = "test" if i == 0 else f"test_{split}"
             report, out_dir = evaluate(loaded, src, refs, loaded.cfg.data.corpus, split, search, eval_cfg,
-                                       run_dir / "eval" / eval_dir_name(split, search), tracker, tag,
+                                       run_dir / "eval" / eval_dir_name(split, search, model), tracker, tag,
                                        gold_alignments=(gold or {}).get(split), gold_source=gold_source)
             reports.append((report, out_dir))
     finally:
@@ -268,7 +276,9 @@ def run_evaluate(ecfg: EvaluateConfig) -> list[tuple[EvalReport, Path]]:
     check_search_config(ecfg.search)
     check_eval_config(ecfg.eval)
     run_dir = Path(ecfg.run_dir)
-    loaded = load_model(find_checkpoint(run_dir, ecfg.checkpoint.value), ecfg.device, ecfg.kernels)
+    if ecfg.align_file is not None and ecfg.ensemble:
+        raise ConfigError("align_file=... scores one attention model's alignments; an ensemble has none: drop ensemble")
+    loaded = load_models(run_dir, ecfg.checkpoint.value, list(ecfg.ensemble), ecfg.device, ecfg.kernels)
     if ecfg.data_root is not None:
         loaded.cfg.data.root = ecfg.data_root
     if ecfg.src_file is not None or ecfg.ref_file is not None:
@@ -297,17 +307,25 @@ def run_evaluate(ecfg: EvaluateConfig) -> list[tuple[EvalReport, Path]]:
         name, (src, _) = next(iter(texts.items()))
         gold = {name: read_gold_alignments(Path(ecfg.align_file), len(src))}
         source = ecfg.align_file
-    return evaluate_run(run_dir, loaded, texts, ecfg.search, ecfg.eval, gold, source)
+    model = ecfg.checkpoint.value
+    if ecfg.ensemble:  # eval/<split>[-<search>]-ensemble<N>[-<checkpoint>] in the first run's folder
+        model = f"ensemble{len(loaded.members)}" + ("" if model == "best" else f"-{model}")
+    return evaluate_run(run_dir, loaded, texts, ecfg.search, ecfg.eval, gold, source, model)
 
 
-def run_translate(run_dir: Path, which: str, search, device, kernels, stream_in, stream_out,
-                  alignments: bool = False) -> int:
+def run_translate(cfg: TranslateConfig, stream_in, stream_out) -> int:
     """Translate ``stream_in`` line by line to ``stream_out``, in chunks so output starts early.
-    With ``alignments`` each line is the translation, a tab and its word alignment (Pharaoh i-j)."""
+    With ``alignments`` each line is the translation, a tab and its word alignment (Pharaoh i-j);
+    with ``search.nbest`` K > 1 each input line gives K lines ``<line number>\t<score>\t<translation>``."""
+    search, run_dir = cfg.search, Path(cfg.run_dir)
     check_search_config(search)
-    loaded = load_model(find_checkpoint(run_dir, which), device, kernels)
-    if alignments and loaded.model.decoder.attention.query_free:
-        raise ConfigError(f"alignments=true needs an attention model; {run_dir} is {loaded.model.description}")
+    if cfg.alignments and search.nbest > 1:
+        raise ConfigError("alignments=true prints one translation per line; drop search.nbest (or alignments)")
+    loaded = load_models(run_dir, cfg.checkpoint.value, list(cfg.ensemble), cfg.device, cfg.kernels)
+    if cfg.alignments and loaded.members:
+        raise ConfigError("alignments=true needs one attention model; an ensemble has none of its own: drop ensemble")
+    if cfg.alignments and loaded.model.decoder.attention.query_free:
+        raise ConfigError(f"alignments=true needs an attention model; {run_dir} is {loaded.description}")
     chunk: list[str] = []
     count = 0
     line_no = 0
@@ -323,15 +341,23 @@ def run_translate(run_dir: Path, which: str, search, device, kernels, stream_in,
             raw = raw[1:]  # a UTF-8 byte-order mark is not part of the text
         chunk.append(raw.rstrip("\r\n"))
         if len(chunk) >= chunk_size:
-            count += _flush(loaded, chunk, search, stream_out, alignments)
+            count += _flush(loaded, chunk, search, stream_out, cfg.alignments, count)
             chunk = []
     if chunk:
-        count += _flush(loaded, chunk, search, stream_out, alignments)
+        count += _flush(loaded, chunk, search, stream_out, cfg.alignments, count)
     return count
 
 
-def _flush(loaded, lines: list[str], search, stream_out, alignments: bool) -> int:
-    if not alignments:
+def _flush(loaded: LoadedModel, lines: list[str], search: SearchConfig, stream_out, alignments: bool,
+           before: int) -> int:
+    """Translate and write ``lines`` (which follow ``before`` lines already written)."""
+    if search.nbest > 1:
+        decoded = decode_lines(loaded, lines, search)
+        for n, alternatives in enumerate(decoded.nbest or [], start=before + 1):
+            # an empty input line has no hypotheses: one empty translation keeps every line numbered
+            for text, score in alternatives or [("", 0.0)]:
+                stream_out.write(f"{n}\t{score:.4f}\t{text}\n")
+    elif not alignments:
         for hyp in translate_lines(loaded, lines, search):
             stream_out.write(hyp + "\n")
     else:

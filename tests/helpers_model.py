@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -35,6 +36,7 @@ class Spec(NamedTuple):
     window: int = 3
     coverage: bool = False
     position_bias: PositionBias = PositionBias.none
+    self_attention: bool = False  # model.decoder_self_attention
 
 
 # name -> the attention; names follow ``model.describe``. The families the CPU kernels run, then
@@ -60,10 +62,12 @@ VARIANTS: dict[str, Spec] = {
     "bahdanau-rel": Spec(AttentionType.bahdanau, LuongScore.general, False, position_bias=PositionBias.relative),
     "luong-general-h2-rel": Spec(AttentionType.luong, LuongScore.general, False, heads=2,
                                  position_bias=PositionBias.relative),
+    "bahdanau-sa": Spec(AttentionType.bahdanau, LuongScore.general, False, self_attention=True),
+    "luong-general-sa": Spec(AttentionType.luong, LuongScore.general, False, self_attention=True),
 }
 LAB = ["luong-scaled_dot-feed", "bahdanau-h4", "luong-general-h4-sparsemax", "bahdanau-entmax15",
        "local-m3-general-feed", "local-p2-dot", "local-m2-concat", "bahdanau-cov", "luong-concat-cov",
-       "bahdanau-rel", "luong-general-h2-rel"]
+       "bahdanau-rel", "luong-general-h2-rel", "bahdanau-sa", "luong-general-sa"]
 # local-p weighs its window by a Gaussian after normalising (Luong et al. 2015, eq. 10): its
 # weights sum to at most 1
 UNNORMALISED = ["local-p2-dot"]
@@ -83,7 +87,8 @@ def model_config(variant: str, **overrides) -> ModelConfig:
                   attention=AttentionConfig(type=v.kind, score=v.score, input_feeding=v.feed, hidden_size=16,
                                             heads=v.heads, normalizer=v.normalizer, mode=v.mode,
                                             window=v.window, coverage=v.coverage,
-                                            position_bias=v.position_bias, max_distance=4))
+                                            position_bias=v.position_bias, max_distance=4),
+                  decoder_self_attention=v.self_attention)
     fields.update(overrides)
     return ModelConfig(**fields)
 
@@ -155,7 +160,7 @@ def reference_logits(model: Seq2Seq, batch: Batch) -> torch.Tensor:
     encoded = model.encode(batch.src, batch.src_lengths, batch.src_mask)
     memory, state = encoded.memory, encoded.state
     hidden, cell, feed, coverage = state.hidden, state.cell, state.feed, state.coverage
-    logits = []
+    logits, outputs = [], []
     for t in range(batch.tgt_in.size(1)):
         emb = dec.embedding(batch.tgt_in[:, t]).unsqueeze(1)  # (B, 1, E)
         positions = torch.full((batch.src.size(0), 1), t)  # the step, for local-m
@@ -168,6 +173,12 @@ def reference_logits(model: Seq2Seq, batch: Batch) -> torch.Tensor:
         else:
             rnn_in = emb
         out, (hidden, cell) = dec.rnn(rnn_in, (hidden, cell))
+        if dec.self_attention is not None:  # over every output so far, this one included
+            sa = dec.self_attention
+            outputs.append(out)
+            keys, values = sa.key_value(torch.cat(outputs, dim=1)).chunk(2, dim=-1)
+            own = torch.softmax(sa.query(out) @ keys.transpose(1, 2) / math.sqrt(sa.size), dim=-1) @ values
+            out = out + own
         if not dec.context_before_rnn:
             context, weights = dec.attention(out, memory, positions,
                                              None if coverage is None else coverage.unsqueeze(1))

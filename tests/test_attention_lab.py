@@ -1,4 +1,5 @@
-"""The attention lab's switches: scaled dot-product scores, several heads, sparse normalizers.
+"""The attention lab's switches: scaled dot-product scores, several heads, sparse normalizers,
+local attention, coverage, relative positions, decoder self-attention.
 (The model, search and checkpoint tests run every one of them too: helpers_model.LAB.)"""
 
 from __future__ import annotations
@@ -165,8 +166,9 @@ SHORT = ["experiment=smoke", "trainer.max_steps=12", "trainer.valid_every=6", "e
       "model.attention.normalizer=entmax15", "model.attention.position_bias=relative",
       "model.attention.max_distance=8", "model.decoder_hidden_size=64", "model.encoder_hidden_size=32"],
      "luong-scaled_dot-feed-h4-entmax15-rel"),
-    (["model/attention=local", "model.attention.mode=predictive", "model.attention.window=4"],
-     "local-p4-general-feed"),
+    (["model/attention=local", "model.attention.mode=predictive", "model.attention.window=4",
+      "model.decoder_self_attention=true"],
+     "local-p4-general-feed-sa"),
     (["model.attention.normalizer=sparsemax", "model.attention.coverage=true", "trainer.coverage_loss=1.0"],
      "bahdanau-sparsemax-cov"),
 ])
@@ -389,3 +391,94 @@ def test_relative_refusals():
         check_model_config(lab_config(type=AttentionType.local, position_bias="relative"))
     with pytest.raises(ConfigError, match="max_distance must be a positive integer"):
         check_model_config(lab_config(type=AttentionType.luong, position_bias="relative", max_distance=0))
+
+
+# ----------------------------------------------------------------------------- decoder self-attention
+
+SELF_ATTENTIVE = [("bahdanau-sa", 2, 0.0, 2.5), ("luong-general-sa", 4, 0.0, 2.5)]
+
+
+def _sa_batch():
+    from helpers_model import SRC_VOCAB, TGT_VOCAB, make_batch, random_sentences
+
+    src = random_sentences(3, 3, 9, SRC_VOCAB, 11)
+    tgt = random_sentences(3, 6, 6, TGT_VOCAB, 12)
+    return make_batch(src, tgt)
+
+
+@pytest.mark.parametrize("variant", ["bahdanau-sa", "luong-general-sa"])
+@pytest.mark.parametrize("steps", [False, True], ids=["parallel", "step-loop"])
+def test_self_attention_is_causal_a_step_never_sees_later_target_words(variant, steps):
+    from helpers_model import logits_of
+
+    model = make_model(variant, 1, scale=1.5)
+    batch = _sa_batch()
+    changed = batch.tgt_in.clone()
+    changed[:, 4:] = (changed[:, 4:] + 5) % model.output_layer.out_features  # later inputs only
+    with torch.no_grad():
+        before = logits_of(model, batch, force_steps=steps)
+        after = logits_of(model, batch._replace(tgt_in=changed), force_steps=steps)
+    torch.testing.assert_close(after[:, :4], before[:, :4], rtol=0, atol=0)  # steps 0-3 read inputs 0-3 only
+    assert not torch.allclose(after[:, 4:], before[:, 4:])
+    # and it does read the earlier steps: a change at input 1 reaches step 3 beyond the LSTM's own path
+    model.decoder.self_attention.query.weight.data.mul_(0.0)  # uniform weights over the past ...
+    with torch.no_grad():
+        flat = logits_of(model, batch, force_steps=steps)
+    assert not torch.allclose(flat, before)  # ... differ from learned ones: the scores matter
+
+
+def test_self_attention_passes_gradcheck_in_float64():
+    from seq2seq.model.attention import DecoderSelfAttention
+
+    torch.manual_seed(0)
+    module = DecoderSelfAttention(6).double()
+    hidden = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h: module.whole(h), (hidden,))
+
+
+@pytest.mark.parametrize(("variant", "seed", "eos_bias", "scale"), SELF_ATTENTIVE, ids=[v[0] for v in SELF_ATTENTIVE])
+@pytest.mark.parametrize("beam", [1, 3])
+def test_the_growing_cache_decodes_each_sentence_in_continuous_search_as_alone(variant, seed, eos_bias, scale, beam):
+    """Rows of a pool of 5 start new sentences at other rows' step 20: each overwrites its stale
+    columns as it goes, and reads only its own."""
+    from helpers_model import SRC_VOCAB, assert_same_or_tie, random_sentences
+
+    from seq2seq.core.config import SearchConfig
+    from seq2seq.search.translate import translate_ids
+
+    model = make_model(variant, seed, eos_bias=eos_bias, scale=scale)
+    src = random_sentences(23, 1, 17, SRC_VOCAB, seed + 3)
+    cpu = torch.device("cpu")
+    pooled = translate_ids(engine_of(model, "reference"), src, SearchConfig(beam_size=beam, batch_size=5), cpu,
+                           scored=True)
+    for s, hyp in zip(src, pooled):
+        alone = translate_ids(engine_of(model, "reference"), [s], SearchConfig(beam_size=beam, batch_size=1), cpu,
+                              scored=True)[0]
+        if beam == 1:
+            assert_same_or_tie(model, s, hyp.tokens, alone.tokens)
+        if hyp.tokens == alone.tokens:
+            assert hyp.score == pytest.approx(alone.score, abs=1e-4)
+    assert len({tuple(h.tokens) for h in pooled}) >= 5
+    assert max(len(h.tokens) for h in pooled) > 8  # caches grew past their first width
+
+
+def test_beam_one_is_greedy_with_self_attention():
+    from helpers_model import SRC_VOCAB, make_batch, random_sentences
+    from reference_search import beam_search, greedy_search
+
+    from seq2seq.core.config import SearchConfig
+
+    model = make_model("luong-general-sa", 4, scale=2.5)
+    batch = make_batch(random_sentences(6, 2, 10, SRC_VOCAB, 4))
+    engine = engine_of(model, "reference")
+    greedy = greedy_search(engine, batch, SearchConfig())
+    beam = beam_search(engine, batch, SearchConfig(beam_size=1))
+    assert [h.tokens for h in beam] == [h.tokens for h in greedy]
+
+
+def test_self_attention_adds_its_own_weights_and_runs_the_reference_engine():
+    model = make_model("luong-general-sa", 0)
+    names = {k for k in model.state_dict() if "self_attention" in k}
+    assert names == {"decoder.self_attention.query.weight", "decoder.self_attention.key_value.weight"}
+    assert engine_of(model, "fast").name == "reference"
+    assert "-sa" not in make_model("luong-general", 0).description

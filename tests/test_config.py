@@ -219,7 +219,7 @@ def test_unknown_group_choice(override: str, group: str, valid: list[str]):
     [
         ("model.attention.score=xyz", "model.attention.score", ["dot", "general", "concat"]),
         ("trainer.device=gpu", "trainer.device", ["auto", "cpu", "cuda"]),
-        ("optim.scheduler=cosine", "optim.scheduler", ["constant", "plateau", "warmup_decay"]),
+        ("optim.scheduler=linear", "optim.scheduler", ["constant", "plateau", "warmup_decay", "cosine"]),
     ],
 )
 def test_bad_enum_value(override: str, key: str, valid: list[str]):

@@ -10,7 +10,14 @@ import sys
 import pytest
 import torch
 
-from seq2seq.training.optim import Adam, PlateauSchedule, StepSchedule, clip_scale, gradient_norm
+from seq2seq.training.optim import (
+    Adam,
+    PlateauSchedule,
+    StepSchedule,
+    clip_scale,
+    cosine_factor,
+    gradient_norm,
+)
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -217,3 +224,28 @@ def test_either_engines_optimizer_resumes_from_the_others_state(writer_fast: boo
     steps(reader, list(resumed), range(3, 6))
     for a, b in zip(resumed, straight):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cosine_warms_up_then_decays_to_the_floor_at_the_end_of_the_budget():
+    f = cosine_factor(warmup=4, total=24, floor=0.01)
+    assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f(14) == pytest.approx(0.01 + 0.99 * 0.5)  # half-way through the decay
+    assert f(24) == pytest.approx(0.01) and f(100) == pytest.approx(0.01)
+    decay = [f(s) for s in range(4, 25)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert cosine_factor(warmup=0, total=10, floor=0.0)(0) == pytest.approx(1.0)
+
+
+def test_the_cosine_schedule_spans_the_trainers_budget(prepared, tmp_path):
+    from conftest import smoke_config
+
+    from seq2seq.training.trainer import Trainer
+
+    cache, data = prepared
+    cfg = smoke_config(cache, "trainer.max_steps=null", "trainer.max_epochs=2", "optim.scheduler=cosine",
+                       "optim.warmup_steps=5", "optim.lr=0.01", "optim.min_lr=0.0001", "trainer.valid_every=100")
+    trainer = Trainer(cfg, data, tmp_path / "run")
+    assert trainer.total_steps() == 2 * trainer.batches_per_epoch
+    trainer.fit()
+    assert trainer.progress.step == trainer.total_steps()
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0001)

@@ -19,6 +19,7 @@ import pickle
 import re
 import shutil
 import zipfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -80,15 +81,25 @@ def step_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def step_of(path: Path) -> int:
+    """N of a ``step-<N>.pt`` file."""
+    m = STEP_FILE.match(path.name)
+    if m is None:
+        raise ValueError(f"{path} is not a step-<N>.pt file")
+    return int(m.group(1))
+
+
 def save_step_checkpoint(payload: dict[str, Any], directory: Path, step: int, keep: int,
-                         also: tuple[str, ...] = ("last",)) -> Path:
-    """Write ``step-<step>.pt``, point ``last.pt`` (and ``also``) at it, keep the newest ``keep`` step files."""
+                         also: tuple[str, ...] = ("last",), protect: Collection[int] = ()) -> Path:
+    """Write ``step-<step>.pt``, point ``last.pt`` (and ``also``) at it, keep the newest ``keep``
+    step files and those of the steps in ``protect``."""
     path = directory / f"step-{step}.pt"
     save_checkpoint(payload, path)
     for name in also:
         link_checkpoint(path, directory / f"{name}.pt")
     for old in step_checkpoints(directory)[keep:]:
-        old.unlink(missing_ok=True)  # best.pt/last.pt keep their own link to the bytes
+        if step_of(old) not in protect:
+            old.unlink(missing_ok=True)  # best.pt/last.pt keep their own link to the bytes
     return path
 
 

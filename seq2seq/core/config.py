@@ -82,6 +82,7 @@ class SchedulerName(str, Enum):
     constant = "constant"
     plateau = "plateau"
     warmup_decay = "warmup_decay"
+    cosine = "cosine"
 
 
 class TeacherForcingSchedule(str, Enum):
@@ -188,6 +189,8 @@ class ModelConfig:
     decoder_layers: int = 1
     dropout: float = 0.2
     tie_embeddings: bool = False  # decoder input and output embeddings
+    # the decoder also attends over its own earlier LSTM outputs (causal; attention.DecoderSelfAttention)
+    decoder_self_attention: bool = False
     attention: AttentionConfig = field(default_factory=AttentionConfig)
 
 
@@ -202,7 +205,9 @@ class OptimConfig:
     scheduler: SchedulerName = SchedulerName.plateau
     plateau_factor: float = 0.5  # plateau: lr multiplier after `plateau_patience` bad validations
     plateau_patience: int = 2
-    warmup_steps: int = 1000  # warmup_decay: linear warmup, then inverse square root decay
+    # warmup_decay: linear warmup, then inverse square root decay; cosine: linear warmup, then a
+    # cosine from lr down to min_lr at the end of the budget (trainer.max_steps, or max_epochs)
+    warmup_steps: int = 1000
     min_lr: float = 1e-5
 
 
@@ -237,6 +242,8 @@ class TrainerConfig:
     max_oom_steps: int = 20  # consecutive batches skipped for running out of memory before the run stops
     save_every: int | None = None  # steps between checkpoints besides those at each validation
     keep_checkpoints: int = 3  # newest checkpoints/step-<N>.pt files kept; last.pt/best.pt link to them
+    # step files with the best valid BLEU also kept (for seq2seq-average best=N)
+    keep_best_checkpoints: int = 1
     evaluate_at_end: bool = True  # evaluate `best` on the test splits when training ends
 
 
@@ -247,6 +254,9 @@ class SearchConfig:
     max_len_ratio: float = 2.0  # hypothesis length cap: ratio * source tokens + offset
     max_len_offset: int = 10
     batch_size: int = 64  # sentences decoded together
+    # beam search: the K best finished hypotheses with their scores (seq2seq-translate prints them);
+    # a sentence then ends once K have finished, not with the first
+    nbest: int = 1
 
 
 @dataclass
@@ -274,6 +284,7 @@ class TrainConfig:
 class CheckpointChoice(str, Enum):
     best = "best"
     last = "last"
+    averaged = "averaged"  # written by seq2seq-average
 
 
 @dataclass
@@ -285,6 +296,7 @@ class EvaluateConfig:
     ref_file: str | None = None
     name: str | None = None  # report folder name for a file pair (default: the file's stem)
     align_file: str | None = None  # gold word alignments (Pharaoh i-j, a line per sentence): AER
+    ensemble: list[str] = field(default_factory=list)  # more run directories decoding with run_dir (same tokenizer)
     data_root: str | None = None  # where the run's corpus is now, if it moved
     device: Device = Device.auto
     kernels: Kernels = Kernels.auto
@@ -300,6 +312,15 @@ class TranslateConfig:
     kernels: Kernels = Kernels.auto
     search: SearchConfig = field(default_factory=SearchConfig)
     alignments: bool = False  # also print each translation's word alignment (tab, Pharaoh i-j)
+    ensemble: list[str] = field(default_factory=list)  # more run directories decoding with run_dir (same tokenizer)
+
+
+@dataclass
+class AverageConfig:
+    run_dir: str = MISSING
+    last: int | None = None  # average the N newest checkpoints (trainer.keep_checkpoints >= N)
+    best: int | None = None  # or the N with the best valid BLEU (trainer.keep_best_checkpoints >= N)
+    overwrite: bool = False  # replace an existing checkpoints/averaged.pt
 
 
 def register_configs() -> None:
@@ -308,6 +329,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="translate_schema", node=TranslateConfig)
+    cs.store(name="average_schema", node=AverageConfig)
 
 
 def enum_choices(enum_type: type[Enum]) -> list[str]:

@@ -49,8 +49,8 @@ log = logging.getLogger(__name__)
 IGNORED_KEYS = frozenset({
     "seed", "name", "data.root", "data.cache_dir", "trainer.resume", "trainer.progress",
     "trainer.num_threads", "trainer.log_every", "trainer.sample_translations",
-    "trainer.evaluate_at_end", "trainer.save_every", "trainer.keep_checkpoints", "trainer.max_oom_steps",
-    "trainer.max_nonfinite_steps",
+    "trainer.evaluate_at_end", "trainer.save_every", "trainer.keep_checkpoints", "trainer.keep_best_checkpoints",
+    "trainer.max_oom_steps", "trainer.max_nonfinite_steps",
     # covered by the model description
     "model.attention.type", "model.attention.score", "model.attention.input_feeding",
 })

@@ -3,6 +3,7 @@ write the report files and attention heatmaps, and log the same figures to Tenso
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -38,6 +39,7 @@ from seq2seq.model.devices import autocast_dtype, resolve_device
 from seq2seq.model.engine import Engine, build_engine, describe_engine
 from seq2seq.model.network import Seq2Seq, build_model, state_mismatch
 from seq2seq.search.common import search_label
+from seq2seq.search.ensemble import EnsembleEngine
 from seq2seq.search.translate import attention_pass, translate_ids
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,20 @@ class LoadedModel:
     device: torch.device
     amp_dtype: torch.dtype | None
     engine: Engine
+    members: tuple[Path, ...] = ()  # an ensemble's checkpoints (``checkpoint`` is the first); () for one model
+
+    @property
+    def description(self) -> str:
+        """The model's description, or the ensemble's (``ensemble of 3: bahdanau + ...``)."""
+        if not self.members:
+            return self.model.description
+        engines = self.engine.engines  # type: ignore[attr-defined]
+        return f"ensemble of {len(engines)}: " + " + ".join(e.model.description for e in engines)
+
+    @property
+    def source(self) -> str:
+        """Where the weights came from, for reports: the checkpoint file(s)."""
+        return " + ".join(str(p) for p in self.members) if self.members else str(self.checkpoint)
 
 
 def check_eval_config(cfg: EvalConfig) -> None:
@@ -68,9 +84,16 @@ def check_eval_config(cfg: EvalConfig) -> None:
 
 
 def find_checkpoint(run_dir: Path, which: str = "best") -> Path:
-    """``best.pt`` (or ``which``) in a run directory, falling back to ``last.pt``."""
+    """``best.pt`` (or ``which``) in a run directory; ``best`` falls back to ``last.pt`` (a run
+    stopped before its first validation), ``averaged`` never does."""
     if not run_dir.is_dir():
         raise RunDirError(f"run directory {run_dir} does not exist; pass run_dir=outputs/<name>/<timestamp>")
+    if which == "averaged":
+        path = run_dir / "checkpoints" / "averaged.pt"
+        if not path.is_file():
+            raise RunDirError(f"{run_dir} has no checkpoints/averaged.pt; write it first with "
+                              f"seq2seq-average run_dir={run_dir} last=5 (or best=5)")
+        return path
     for name in (which, "last"):
         path = run_dir / "checkpoints" / f"{name}.pt"
         if path.is_file():
@@ -106,6 +129,35 @@ def load_model(path: Path, device: Device = Device.auto, kernels: Kernels = Kern
     return LoadedModel(model, tokenizer, cfg, path, dev, autocast_dtype(cfg.trainer.precision, dev), engine)
 
 
+def load_models(run_dir: Path, which: str, ensemble: list[str], device: Device = Device.auto,
+                kernels: Kernels = Kernels.auto) -> LoadedModel:
+    """The model of ``run_dir``, or with ``ensemble`` (more run directories) the ensemble of all of
+    them, each with its ``which`` checkpoint; every run is checked before any translation."""
+    if not ensemble:
+        return load_model(find_checkpoint(run_dir, which), device, kernels)
+    dirs = [run_dir, *(Path(d) for d in ensemble)]
+    seen: dict[Path, Path] = {}
+    for d in dirs:
+        if d.resolve() in seen:
+            raise ConfigError(f"ensemble: {d} is listed twice (as {seen[d.resolve()]}); give each run once")
+        seen[d.resolve()] = d
+    for d in dirs[1:]:
+        if not d.is_dir():
+            raise RunDirError(f"ensemble: run directory {d} does not exist; list training runs: ensemble=[DIR,DIR]")
+    paths = [find_checkpoint(d, which) for d in dirs]  # every run exists before any is loaded
+    members = [load_model(p, device, kernels) for p in paths]
+    first = members[0]
+    for m in members[1:]:
+        if (m.tokenizer.src_proto, m.tokenizer.tgt_proto) != (first.tokenizer.src_proto, first.tokenizer.tgt_proto):
+            raise ConfigError(f"ensemble: {m.checkpoint} and {first.checkpoint} use different tokenizers; only runs "
+                              "that share one (the same corpus and tokenizer settings) can be ensembled")
+        if (m.cfg.data.src_lang, m.cfg.data.tgt_lang) != (first.cfg.data.src_lang, first.cfg.data.tgt_lang):
+            raise ConfigError(f"ensemble: {m.checkpoint} translates {m.cfg.data.src_lang}->{m.cfg.data.tgt_lang} "
+                              f"but {first.checkpoint} {first.cfg.data.src_lang}->{first.cfg.data.tgt_lang}")
+    engine = EnsembleEngine([m.engine for m in members])
+    return dataclasses.replace(first, engine=engine, members=tuple(paths))
+
+
 @dataclass
 class Decoded:
     """A split's translations and what produced them (the lines that were not empty)."""
@@ -115,6 +167,8 @@ class Decoded:
     clean: list[str]  # their normalised text
     src_ids: list[list[int]]
     hyp_ids: list[list[int]]
+    # with search.nbest > 1, per input line: (translation, score) best first; [] for an empty line
+    nbest: list[list[tuple[str, float]]] | None = None
 
 
 def decode_lines(loaded: LoadedModel, lines: list[str], search: SearchConfig) -> Decoded:
@@ -128,7 +182,14 @@ def decode_lines(loaded: LoadedModel, lines: list[str], search: SearchConfig) ->
     texts = [""] * len(lines)
     for i, text in zip(todo, loaded.tokenizer.decode_tgt(hyp_ids)):
         texts[i] = text
-    return Decoded(texts, todo, clean, [list(x) for x in ids], hyp_ids)
+    nbest = None
+    if search.nbest > 1:
+        nbest = [[] for _ in lines]
+        for i, h in zip(todo, hyps):
+            alternatives = h.nbest or [(h.tokens, h.score)]
+            nbest[i] = list(zip(loaded.tokenizer.decode_tgt([t for t, _ in alternatives]),
+                                [score for _, score in alternatives]))
+    return Decoded(texts, todo, clean, [list(x) for x in ids], hyp_ids, nbest)
 
 
 def translate_lines(loaded: LoadedModel, lines: list[str], search: SearchConfig) -> list[str]:
@@ -229,8 +290,9 @@ def evaluate(loaded: LoadedModel, raw_src: list[str], refs: list[str], corpus: s
     score = corpus_score(hyps, refs)
     # The attention of the hypotheses just produced (a teacher-forced pass over them): the
     # diagnostics and the heatmaps show what this search saw.
-    weights, pad_mass = attention_pass(loaded.engine, decoded.src_ids, decoded.hyp_ids, loaded.device,
-                                       loaded.amp_dtype, max(1, search.batch_size))
+    # An ensemble has no one attention: its members' are their own.
+    weights, pad_mass = ([], []) if loaded.members else attention_pass(
+        loaded.engine, decoded.src_ids, decoded.hyp_ids, loaded.device, loaded.amp_dtype, max(1, search.batch_size))
     diagnostics = None
     if weights and weights[0] is not None:
         diagnostics = diagnose(weights, pad_mass, [raw_src[i] for i in decoded.todo],
@@ -243,8 +305,9 @@ def evaluate(loaded: LoadedModel, raw_src: list[str], refs: list[str], corpus: s
     cfg = loaded.cfg
     report = EvalReport(
         corpus=corpus, split=split, src_lang=cfg.data.src_lang, tgt_lang=cfg.data.tgt_lang,
-        model=loaded.model.description, checkpoint=str(loaded.checkpoint),
-        search={k: v for k, v in asdict(search).items() if k != "batch_size"},
+        model=loaded.description, checkpoint=loaded.source,
+        # nbest=1 (the default) is left out, so reports stay comparable with those written before it
+        search={k: v for k, v in asdict(search).items() if k != "batch_size" and (k, v) != ("nbest", 1)},
         score=score, buckets=buckets, num_sentences=len(hyps),
         bootstrap={"samples": eval_cfg.bootstrap_samples, "seed": eval_cfg.bootstrap_seed, "confidence": 0.95},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -270,7 +333,10 @@ def evaluate(loaded: LoadedModel, raw_src: list[str], refs: list[str], corpus: s
     return report, out_dir
 
 
-def eval_dir_name(split: str, search: SearchConfig) -> str:
-    """``<split>`` for greedy decoding, ``<split>-<search>`` otherwise (``test-beam5``)."""
+def eval_dir_name(split: str, search: SearchConfig, model: str = "best") -> str:
+    """``<split>`` for greedy decoding, ``<split>-<search>`` otherwise (``test-beam5``), then
+    ``-<model>`` for anything but the best checkpoint (``test-beam5-averaged``, ``test-ensemble3``),
+    so seq2seq-compare's ``--search beam5`` finds the best checkpoint's reports only."""
     label = search_label(search)
-    return split if label == "greedy" else f"{split}-{label}"
+    name = split if label == "greedy" else f"{split}-{label}"
+    return name if model == "best" else f"{name}-{model}"

@@ -393,3 +393,50 @@ class LocalAttention(Attention):
             sigma = self.window / 2
             weights = weights * torch.exp(-((position.to(aligned.dtype) - aligned.unsqueeze(-1)) ** 2) / (2 * sigma**2))
         return AttentionResult(context=read(weights, memory), weights=weights)
+
+
+class DecoderSelfAttention(nn.Module):
+    """The decoder attending over its own LSTM outputs so far, itself included (the causal mask):
+    q_t = W_q h_t, [k_j; v_j] = W_kv h_j, s_t = sum_{j <= t} softmax_j(q_t . k_j / sqrt(H)) v_j
+    (Vaswani et al. 2017, 3.2.1, one head). The decoder adds s_t to h_t, before the attention over
+    the source and the output layer; the LSTM's own recurrence is unchanged."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.query = nn.Linear(size, size, bias=False)
+        self.key_value = nn.Linear(size, 2 * size, bias=False)
+
+    def forward(self, hidden: torch.Tensor, history: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Contexts (B, T, H) of queries from ``hidden`` (B, T, H) over ``history`` (B, J, 2H) keys
+        and values; ``allowed`` (B or 1, T, J) is True where query t may read position j."""
+        keys, values = history.chunk(2, dim=-1)
+        scores = _wide(torch.bmm(self.query(hidden), keys.to(hidden.dtype).transpose(1, 2))) / math.sqrt(self.size)
+        weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        return torch.bmm(weights.to(values.dtype), values)
+
+    def whole(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: every step of ``hidden`` (B, T, H) at once, each over the steps up to it."""
+        t = hidden.size(1)
+        causal = torch.ones(t, t, dtype=torch.bool, device=hidden.device).tril().unsqueeze(0)
+        return self(hidden, _wide(self.key_value(hidden)), causal).to(hidden.dtype)
+
+    def step(self, hidden: torch.Tensor, history: torch.Tensor, step: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step for rows (B, H) at target positions ``step`` (B,): the context (B, H), and the
+        cache ``history`` (B, W, 2H) float32 with this step's key and value written at column
+        ``step`` (widened when a row needs it). Columns after a row's step are never read: a row
+        that starts a new sentence (continuous search) overwrites its old ones as it goes."""
+        need = int(step.max()) + 1
+        if history.size(1) < need:
+            history = pad_sources(history, need)
+        cols = torch.arange(history.size(1), device=hidden.device)
+        mine = cols == step.unsqueeze(1)  # (B, W)
+        history = torch.where(mine.unsqueeze(-1), _wide(self.key_value(hidden)).unsqueeze(1), history)
+        allowed = (cols <= step.unsqueeze(1)).unsqueeze(1)  # (B, 1, W)
+        return self(hidden.unsqueeze(1), history, allowed).squeeze(1).to(hidden.dtype), history
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or float64 if it is (bf16 scores and caches lose too much; gradcheck runs float64)."""
+    return x if x.dtype == torch.float64 else x.float()

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from seq2seq.model.attention import Attention, AttentionMemory, pad_sources
+from seq2seq.model.attention import Attention, AttentionMemory, DecoderSelfAttention, pad_sources
 
 
 class DecoderState(NamedTuple):
@@ -32,21 +32,26 @@ class DecoderState(NamedTuple):
     step: torch.Tensor | None = None
     # (B, S) float32 attention each source position has had so far, for coverage models; else None
     coverage: torch.Tensor | None = None
+    # (B, W, 2H) float32 keys and values of the decoder self-attention, column j for target
+    # position j (< step; later columns are stale), for decoders that attend over themselves; else None
+    history: torch.Tensor | None = None
 
     # What search does with rows of states (seq2seq/search/continuous.py): select, take a range,
     # concatenate, overwrite some rows, and widen the source axis of the coverage vector.
 
     def select(self, index: torch.Tensor) -> DecoderState:
         return DecoderState(self.hidden.index_select(1, index), self.cell.index_select(1, index),
-                            self.feed.index_select(0, index),
-                            None if self.step is None else self.step.index_select(0, index),
-                            None if self.coverage is None else self.coverage.index_select(0, index))
+                            *(None if x is None else x.index_select(0, index) for x in self[2:]))
 
     def rows(self, start: int, stop: int) -> DecoderState:
         """Rows ``start:stop`` (views)."""
-        return DecoderState(self.hidden[:, start:stop], self.cell[:, start:stop], self.feed[start:stop],
-                            None if self.step is None else self.step[start:stop],
-                            None if self.coverage is None else self.coverage[start:stop])
+        return DecoderState(self.hidden[:, start:stop], self.cell[:, start:stop],
+                            *(None if x is None else x[start:stop] for x in self[2:]))
+
+    def _history_width(self, width: int) -> DecoderState:
+        if self.history is None or self.history.size(1) >= width:
+            return self
+        return self._replace(history=pad_sources(self.history, width))
 
     def widen(self, width: int) -> DecoderState:
         """The state over a source axis of ``width`` positions: a coverage vector gets unseen ones."""
@@ -58,20 +63,23 @@ class DecoderState(NamedTuple):
     def cat(states: list[DecoderState], width: int) -> DecoderState:
         """The states' rows as one fresh state over a source axis of ``width`` positions."""
         states = [s.widen(width) for s in states]
-        first = states[0]
+        if states[0].history is not None:
+            columns = max(s.history.size(1) for s in states)
+            states = [s._history_width(columns) for s in states]
         return DecoderState(torch.cat([s.hidden for s in states], dim=1), torch.cat([s.cell for s in states], dim=1),
-                            torch.cat([s.feed for s in states]),
-                            None if first.step is None else torch.cat([s.step for s in states]),
-                            None if first.coverage is None else torch.cat([s.coverage for s in states]))
+                            *(None if xs[0] is None else torch.cat(xs) for xs in zip(*(s[2:] for s in states))))
 
     def put(self, rows: torch.Tensor, src: DecoderState, width: int) -> DecoderState:
         """This state with its rows ``rows`` overwritten (in place) by ``src``'s, widened to ``width``
         first. A fresh state may differ in dtype from a decoded one: bf16 from the bridge under
         autocast, float32 from the LSTM cell."""
         dest, src = self.widen(width), src.widen(width)
+        if dest.history is not None:
+            columns = max(dest.history.size(1), src.history.size(1))
+            dest, src = dest._history_width(columns), src._history_width(columns)
         for axis, d, s in ((1, dest.hidden, src.hidden), (1, dest.cell, src.cell), (0, dest.feed, src.feed)):
             d.index_copy_(axis, rows, s.to(d.dtype))
-        for d, s in ((dest.step, src.step), (dest.coverage, src.coverage)):
+        for d, s in ((dest.step, src.step), (dest.coverage, src.coverage), (dest.history, src.history)):
             if d is not None:
                 d.index_copy_(0, rows, s)
         return dest
@@ -94,7 +102,7 @@ def lstm_cell(gates: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, to
 class Decoder(nn.Module):
     def __init__(self, vocab_size: int, embedding_size: int, hidden_size: int, num_layers: int,
                  context_size: int, output_size: int, attention: Attention, context_before_rnn: bool,
-                 input_feeding: bool, dropout: float, pad_id: int) -> None:
+                 input_feeding: bool, dropout: float, pad_id: int, self_attention: bool = False) -> None:
         super().__init__()
         if context_before_rnn and input_feeding:
             raise ValueError("input feeding applies to attention computed after the LSTM step")
@@ -112,6 +120,8 @@ class Decoder(nn.Module):
         # Bridge: initial (h, c) of every layer from the encoder summary.
         self.bridge = nn.Linear(context_size, 2 * num_layers * hidden_size)
         self.combine = nn.Linear(hidden_size + context_size, output_size)  # W_c
+        # model.decoder_self_attention: the top LSTM output h_t becomes h_t + s_t (attention.py)
+        self.self_attention = DecoderSelfAttention(hidden_size) if self_attention else None
 
     @property
     def parallel(self) -> bool:
@@ -128,13 +138,17 @@ class Decoder(nn.Module):
         hidden = torch.tanh(init[:, 0]).transpose(0, 1).contiguous()  # (L, B, H)
         cell = init[:, 1].transpose(0, 1).float().contiguous()  # (L, B, H), float32 (see lstm_cell)
         feed = summary.new_zeros(b, self.output_size)
-        step = torch.zeros(b, dtype=torch.long, device=summary.device) if self.attention.needs_positions else None
+        step = (torch.zeros(b, dtype=torch.long, device=summary.device)
+                if self.attention.needs_positions or self.self_attention is not None else None)
+        history = None
+        if self.self_attention is not None:  # no step yet: an empty cache, widened as steps come
+            history = torch.zeros(b, 0, 2 * self.hidden_size, dtype=torch.float32, device=summary.device)
         coverage = None
         if self.attention.uses_coverage:
             if mask is None:
                 raise ValueError("a coverage model's initial state needs the source mask")
             coverage = torch.zeros(mask.shape, dtype=torch.float32, device=summary.device)
-        return DecoderState(hidden, cell, feed, step, coverage)
+        return DecoderState(hidden, cell, feed, step, coverage, history)
 
     def attentional(self, rnn_out: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """h~ = tanh(W_c [h; c]), (..., P) float32."""
@@ -182,11 +196,16 @@ class Decoder(nn.Module):
         else:
             x = torch.cat([emb, state.feed.to(emb.dtype)], dim=-1) if self.input_feeding else emb
             hidden, cell = self.rnn_step(x, state)
-            context, weights = self.attend(hidden[-1], memory, state.step, state.coverage)  # from the current state
-        h_tilde = self.attentional(hidden[-1], context)
+        out, history = hidden[-1], state.history
+        if self.self_attention is not None:
+            own, history = self.self_attention.step(out, state.history, state.step)
+            out = out + self.dropout(own)
+        if not self.context_before_rnn:
+            context, weights = self.attend(out, memory, state.step, state.coverage)  # from the current state
+        h_tilde = self.attentional(out, context)
         step = None if state.step is None else state.step + 1
         coverage = None if state.coverage is None else state.coverage + weights.float()
-        return h_tilde, DecoderState(hidden, cell, h_tilde, step, coverage), weights
+        return h_tilde, DecoderState(hidden, cell, h_tilde, step, coverage, history), weights
 
     def forward_parallel(self, tgt_in: torch.Tensor, state: DecoderState, memory: AttentionMemory) -> DecoderOutput:
         """Teacher-forced pass over the whole target at once (``parallel`` decoders)."""
@@ -198,6 +217,8 @@ class Decoder(nn.Module):
         else:
             rnn_in = emb
         out, _ = self.rnn(rnn_in, (state.hidden, state.cell.to(state.hidden.dtype)))  # (B, T, H)
+        if self.self_attention is not None:  # each step over the steps up to it, all at once
+            out = out + self.dropout(self.self_attention.whole(out))
         if not self.context_before_rnn:
             positions = None
             if state.step is not None:  # every query's target position: t = start + 0 .. T-1

@@ -101,7 +101,8 @@ def build_engine(model: Seq2Seq, kernels: Kernels, device: torch.device, key: st
         if kernels == Kernels.fast:
             log.info("%s=fast: the kernels are CPU kernels; on %s the reference model runs", key, device.type)
         return ReferenceEngine(model)
-    if not model.decoder.attention.standard:  # a variant is written once, in the reference model
+    if not model.decoder.attention.standard or model.decoder.self_attention is not None:
+        # a variant is written once, in the reference model
         log.info("%s: no CPU kernel for %s attention; the reference model runs", key, model.description)
         return ReferenceEngine(model)
     return FastEngine(model)

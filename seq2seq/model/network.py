@@ -109,7 +109,7 @@ def describe(cfg: ModelConfig) -> str:
         name += f"-{att.normalizer.value}" if att.normalizer != Normalizer.softmax else ""
         name += "-cov" if att.coverage else ""
         name += "-rel" if att.position_bias == PositionBias.relative else ""
-    return name
+    return name + ("-sa" if cfg.decoder_self_attention else "")
 
 
 def check_model_config(cfg: ModelConfig) -> None:
@@ -216,6 +216,7 @@ def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, pad_
         input_feeding=is_luong and cfg.attention.input_feeding,
         dropout=cfg.dropout,
         pad_id=pad_id,
+        self_attention=cfg.decoder_self_attention,
     )
     output_layer = nn.Linear(output_size, tgt_vocab_size)
     if cfg.tie_embeddings:

@@ -24,6 +24,9 @@ class Hypothesis(NamedTuple):
     # decoding asked not to score (``translate_ids``' default: the output needs only the tokens)
     score: float | None
     attention: torch.Tensor | None  # (len(tokens) + 1, S_i) weights per output step incl. EOS
+    # with search.nbest > 1: the nbest best finished hypotheses, best first, as (tokens, score);
+    # the first is this one
+    nbest: list[tuple[list[int], float]] | None = None
 
 
 def max_lengths(src_lengths: torch.Tensor, cfg: SearchConfig, cap: int) -> torch.Tensor:
@@ -41,6 +44,11 @@ def check_search_config(cfg: SearchConfig) -> None:
         raise ConfigError(f"search.max_len_ratio must be a positive number (got {cfg.max_len_ratio})")
     if cfg.max_len_offset < 0:
         raise ConfigError(f"search.max_len_offset must be 0 or more (got {cfg.max_len_offset})")
+    if cfg.nbest < 1:
+        raise ConfigError(f"search.nbest must be a positive integer (got {cfg.nbest})")
+    if cfg.nbest > cfg.beam_size:
+        raise ConfigError(f"search.nbest={cfg.nbest} needs a beam at least as wide: add search=beam "
+                          f"search.beam_size={max(cfg.nbest, 5)}")
     if not math.isfinite(cfg.length_penalty):
         raise ConfigError(f"search.length_penalty must be a finite number (got {cfg.length_penalty})")
 

@@ -205,7 +205,7 @@ class _BeamPool(_Sentences):
     def __init__(self, rows: _Rows, width: int, cfg: SearchConfig, vocab: int) -> None:
         super().__init__(rows)
         n, k, device = len(rows), cfg.beam_size, rows.ids.device
-        self.k, self.alpha = k, cfg.length_penalty
+        self.k, self.alpha, self.nbest = k, cfg.length_penalty, cfg.nbest
         self.state = self.state.select(torch.arange(n, device=device).repeat_interleave(k))
         self.scores = torch.full((n, k), float("-inf"), device=device)
         self.scores[:, 0] = 0.0  # all beams start identical: keep one so the top-k are distinct
@@ -245,7 +245,12 @@ class _BeamPool(_Sentences):
         pool_len = torch.cat([self.fin_len, length.expand(-1, self.n_cand)], dim=1)
         self.fin_len = torch.gather(pool_len, 1, pick)
         alive = ~self.finished
-        self.finished |= is_eos[:, 0]  # a sentence ends when its best candidate ends it
+        # A sentence ends when its best candidate ends it (and, for an n-best list, once nbest
+        # hypotheses have finished: at the cap every candidate is EOS, so K finish there).
+        ended = is_eos[:, 0]
+        if self.nbest > 1:
+            ended = ended & (torch.isfinite(self.fin_scores).sum(-1) >= self.nbest)
+        self.finished |= ended
         # the K best unfinished candidates continue
         self.scores, best = torch.where(is_eos, float("-inf"), top_scores).topk(k, dim=-1)
         beam = torch.gather(top_beam, 1, best)  # (N, K)
@@ -267,9 +272,22 @@ class _BeamPool(_Sentences):
         tokens = tokens[:, : max(lengths, default=0)].tolist()
         scores = fin_scores.gather(1, best).squeeze(1).tolist()
         ids = self.ids.index_select(0, slots).tolist()
+        nbest = self._nbest(slots) if self.nbest > 1 else [None] * len(ids)
         self.ids.index_fill_(0, slots, -1)
-        return [(i, Hypothesis(tokens=seq[: max(n - 1, 0)], score=s, attention=None))
-                for i, n, s, seq in zip(ids, lengths, scores, tokens) if i >= 0]
+        return [(i, Hypothesis(tokens=seq[: max(n - 1, 0)], score=s, attention=None, nbest=more))
+                for i, n, s, seq, more in zip(ids, lengths, scores, tokens, nbest) if i >= 0]
+
+    def _nbest(self, slots: torch.Tensor) -> list[list[tuple[list[int], float]]]:
+        """The ``nbest`` best finished hypotheses of sentences ``slots``, best first."""
+        scores, order = self.fin_scores.index_select(0, slots).sort(dim=-1, descending=True, stable=True)
+        lengths = self.fin_len.index_select(0, slots).gather(1, order)
+        tokens = self.fin_tokens.index_select(0, slots).gather(
+            1, order.unsqueeze(-1).expand(-1, -1, self.fin_tokens.size(2)))
+        out = []
+        for row_scores, row_lengths, row_tokens in zip(scores.tolist(), lengths.tolist(), tokens.tolist()):
+            out.append([(seq[: max(n - 1, 0)], s) for s, n, seq in
+                        zip(row_scores[: self.nbest], row_lengths, row_tokens) if s != float("-inf")])
+        return out
 
     def replace(self, slots: torch.Tensor, rows: _Rows) -> None:
         """New sentences in ``slots`` (as many as ``rows`` has; their results are out)."""

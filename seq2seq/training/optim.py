@@ -147,7 +147,8 @@ def load_optimizer_state(optimizer: Optimizer, payload: dict[str, Any]) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": [group]})
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: Optimizer) -> Schedule:
+def build_scheduler(cfg: TrainConfig, optimizer: Optimizer, total_steps: int | None = None) -> Schedule:
+    """The schedule ``cfg.optim.scheduler`` names; ``cosine`` ends at ``total_steps`` (the budget)."""
     o = cfg.optim
     if o.scheduler == SchedulerName.plateau:  # stepped with the validation BLEU
         return PlateauSchedule(optimizer, factor=o.plateau_factor, patience=o.plateau_patience, min_lr=o.min_lr)
@@ -159,4 +160,23 @@ def build_scheduler(cfg: TrainConfig, optimizer: Optimizer) -> Schedule:
             return max(floor, min((step + 1) / warmup, math.sqrt(warmup / (step + 1))))
 
         return StepSchedule(optimizer, warmup_then_inverse_sqrt)
+    if o.scheduler == SchedulerName.cosine:
+        if total_steps is None:
+            raise ValueError("the cosine schedule needs the number of updates it spans")
+        return StepSchedule(optimizer, cosine_factor(o.warmup_steps, total_steps, o.min_lr / o.lr))
     return StepSchedule(optimizer, lambda _: 1.0)
+
+
+def cosine_factor(warmup: int, total: int, floor: float) -> Callable[[int], float]:
+    """lr multiplier after ``step`` updates: linear warmup over ``warmup`` updates, then half a
+    cosine from 1 down to ``floor`` at update ``total`` (and ``floor`` after it). Decaying to the
+    end of a fixed budget is what a short run needs (Li et al. 2020, budgeted training)."""
+    warmup = max(0, min(warmup, total - 1))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

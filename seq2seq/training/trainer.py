@@ -11,7 +11,7 @@ import logging
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +74,9 @@ def check_trainer_config(cfg: TrainConfig) -> None:
     check_search_config(cfg.search)
     positive = {"trainer.max_tokens": t.max_tokens, "trainer.max_sentences": t.max_sentences,
                 "trainer.valid_every": t.valid_every, "trainer.log_every": t.log_every,
-                "trainer.keep_checkpoints": t.keep_checkpoints, "trainer.max_nonfinite_steps": t.max_nonfinite_steps,
-                "trainer.max_oom_steps": t.max_oom_steps}
+                "trainer.keep_checkpoints": t.keep_checkpoints,
+                "trainer.keep_best_checkpoints": t.keep_best_checkpoints,
+                "trainer.max_nonfinite_steps": t.max_nonfinite_steps, "trainer.max_oom_steps": t.max_oom_steps}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be a positive integer (got {value})")
@@ -143,6 +144,7 @@ class Progress:
     window_norm: float = 0.0
     window_tokens: int = 0
     window_steps: int = 0
+    validations: list = field(default_factory=list)  # [step, valid BLEU] of every validation so far
 
 
 def _to_bytes(value: Any) -> bytes:
@@ -193,7 +195,6 @@ class Trainer:
             seed_everything(cfg.seed + 7919 * self.dist.rank)
         self._flat: torch.Tensor | None = None  # the gradient all-reduce buffer (several ranks only)
         self.optimizer = build_optimizer(cfg, self.model, fast=self.engine.name == "fast")
-        self.scheduler = build_scheduler(cfg, self.optimizer)
         self.train_src = token_ids(data.train, "src_ids")
         self.train_tgt = token_ids(data.train, "tgt_ids")
         relative = getattr(self.model.decoder.attention, "relative", None)
@@ -214,6 +215,7 @@ class Trainer:
             log.warning("trainer.max_tokens=%d is below %d training sentence(s) (the longest takes %d tokens with "
                         "padding): each gets a batch of its own, over the cap; raise trainer.max_tokens or lower "
                         "data.max_len", cfg.trainer.max_tokens, over, longest)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps())
         self.progress = Progress(world_size=world)
         self.num_parameters = count_parameters(self.model)
         log.info("model %s: %s parameters; %d training pairs in %d batches per epoch (%.1f%% padding)",
@@ -265,9 +267,13 @@ class Trainer:
             if self.dist.distributed:
                 # payload["rng"] stays rank 0's, for a single-process resume
                 payload["rng_ranks"] = [torch.load(io.BytesIO(b), weights_only=True) for b in rngs]
+            validated = [bleu for step, bleu in self.progress.validations if step == self.progress.step]
+            # the valid BLEU of these weights, for seq2seq-average best=N; None: saved between validations
+            payload["valid_bleu"] = validated[-1] if validated else None
             try:
                 save_step_checkpoint(payload, self.ckpt_dir, self.progress.step,
-                                     self.cfg.trainer.keep_checkpoints, ("last", "best") if best else ("last",))
+                                     self.cfg.trainer.keep_checkpoints, ("last", "best") if best else ("last",),
+                                     protect=self._best_steps())
             except OSError as err:  # the write went to a temp file: earlier checkpoints are intact
                 if err.errno in (errno.ENOSPC, errno.EDQUOT):
                     remedy = "free space there"
@@ -282,6 +288,12 @@ class Trainer:
             if not self.dist.is_primary:
                 raise ReportedByPrimary(TrainingError.exit_code)
             raise TrainingError(failure)
+
+    def _best_steps(self) -> set[int]:
+        """The ``trainer.keep_best_checkpoints`` validated steps with the best valid BLEU (the
+        earlier step first among equals, as ``best.pt`` takes the first)."""
+        ranked = sorted(self.progress.validations, key=lambda v: (-v[1], v[0]))
+        return {int(step) for step, _ in ranked[: self.cfg.trainer.keep_best_checkpoints]}
 
     def checkpoint_bytes(self) -> int:
         """About how large one checkpoint is: weights and Adam's two moments in float32."""
@@ -464,6 +476,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
+    def total_steps(self) -> int:
+        """The updates the budget allows: trainer.max_steps, or max_epochs' worth (whichever ends first)."""
+        t = self.cfg.trainer
+        by_epochs = None if t.max_epochs is None else t.max_epochs * self.batches_per_epoch
+        return min(x for x in (t.max_steps, by_epochs) if x is not None)  # one is set (check_trainer_config)
+
     def budget_spent(self) -> bool:
         p, t = self.progress, self.cfg.trainer
         return (t.max_steps is not None and p.step >= t.max_steps) or (
@@ -477,6 +495,7 @@ class Trainer:
         """Bookkeeping after a validation; returns True when early stopping triggers."""
         p = self.progress
         bleu = metrics["valid/bleu"]
+        p.validations.append([p.step, bleu])
         self.scheduler.after_validation(bleu)
         improved = bleu > p.best_bleu
         if improved:
@@ -571,7 +590,7 @@ class Trainer:
         primary = self.dist.is_primary
         tracker = (Tracker(self.run_dir, purge_step=p.step + 1 if p.step else None) if primary
                    else NullTracker())
-        total = cfg.trainer.max_steps or (cfg.trainer.max_epochs or 1) * self.batches_per_epoch
+        total = self.total_steps()
         # disable=None: no bar when stderr is not a terminal (nohup, CI), where it would flood the log
         bar = tqdm(total=total, initial=p.step, disable=None if cfg.trainer.progress and primary else True,
                    unit="step", dynamic_ncols=True)
