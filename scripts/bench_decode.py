@@ -1,6 +1,6 @@
 """Decoding speed of a trained run on its corpus' test split: greedy and beam 5.
 
-    python scripts/bench_decode.py RUN_DIR [--repeats 3] [--beam 5]
+    python scripts/bench_decode.py RUN_DIR [--repeats 3] [--beam 5] [--ensemble RUN_DIR ...]
 
 Reports sentences/s and generated tokens/s (hypothesis lengths differ between models, so both
 matter), median of --repeats. Prints the numbers; asserts nothing.
@@ -27,24 +27,28 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="sentences decoded together (default: the run's)")
     parser.add_argument("--kernels", choices=["auto", "fast", "reference"], default="auto",
                         help="the engine that decodes (docs/engines.md)")
+    parser.add_argument("--ensemble", type=Path, nargs="*", default=[],
+                        help="more runs decoding with RUN_DIR as an ensemble (the speed cost of ensembles)")
+    parser.add_argument("--checkpoint", default="best", choices=["best", "last", "averaged"])
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     from seq2seq.core.config import Device, Kernels, SearchConfig
     from seq2seq.data.cleaning import normalize
-    from seq2seq.evaluation.evaluate import find_checkpoint, load_model
+    from seq2seq.evaluation.evaluate import load_models
     from seq2seq.pipeline import load_split
     from seq2seq.search.translate import translate_ids
 
-    loaded = load_model(find_checkpoint(args.run_dir), Device.auto, Kernels(args.kernels))
+    loaded = load_models(args.run_dir, args.checkpoint, [str(p) for p in args.ensemble], Device.auto,
+                         Kernels(args.kernels))
     cfg = loaded.cfg
     if args.data_root:
         cfg.data.root = args.data_root
     split = args.split or cfg.data.test_splits[0]
     src = [normalize(s)[0] for s in load_split(cfg, split)["src"]]
     ids = loaded.tokenizer.encode_src(src)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {loaded.model.description}; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {loaded.description}; "
           f"{cfg.data.corpus}/{split}: {len(ids)} sentences")
     amp = {"run": loaded.amp_dtype, "fp32": None, "bf16": torch.bfloat16}[args.precision]
     batch = {"batch_size": args.batch_size} if args.batch_size else {}

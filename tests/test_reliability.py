@@ -32,10 +32,13 @@ def test_keeps_the_newest_k_checkpoints_and_links_last_and_best(prepared, tmp_pa
                        "trainer.keep_checkpoints=3", "trainer.patience=0")
     Trainer(cfg, data, tmp_path).fit()
     ckpts = tmp_path / "checkpoints"
-    assert [p.name for p in step_checkpoints(ckpts)] == ["step-12.pt", "step-10.pt", "step-8.pt"]
-    assert (ckpts / "last.pt").samefile(ckpts / "step-12.pt")
     best = load_checkpoint(ckpts / "best.pt")
     assert best["progress"]["step"] == best["progress"]["best_step"] in (5, 10, 12)
+    # the newest 3, and the best one's step file (trainer.keep_best_checkpoints=1; it shares best.pt's bytes)
+    kept = {"step-12.pt", "step-10.pt", "step-8.pt", f"step-{best['progress']['step']}.pt"}
+    assert {p.name for p in step_checkpoints(ckpts)} == kept
+    assert (ckpts / "best.pt").samefile(ckpts / f"step-{best['progress']['step']}.pt")
+    assert (ckpts / "last.pt").samefile(ckpts / "step-12.pt")
     assert load_checkpoint(ckpts / "last.pt")["progress"]["finished"]
     assert not list(ckpts.glob(".*"))  # no temp files
 
