@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch.nn import functional as F
@@ -21,48 +22,43 @@ from torch.nn import functional as F
 from seq2seq.model.engine import Engine
 from seq2seq.model.network import EncodedSource, StepOutput
 
+_P = TypeVar("_P", bound="_PerMember")
 
-class EnsembleState(NamedTuple):
-    parts: tuple  # one DecoderState per model
 
-    def select(self, index: torch.Tensor) -> EnsembleState:
-        return EnsembleState(tuple(p.select(index) for p in self.parts))
+@dataclass(frozen=True)
+class _PerMember:
+    """One part per model; every row operation applies to each part alike."""
 
-    def rows(self, start: int, stop: int) -> EnsembleState:
-        return EnsembleState(tuple(p.rows(start, stop) for p in self.parts))
+    parts: tuple
 
-    def widen(self, width: int) -> EnsembleState:
-        return EnsembleState(tuple(p.widen(width) for p in self.parts))
+    def select(self: _P, index: torch.Tensor) -> _P:
+        return type(self)(tuple(p.select(index) for p in self.parts))
 
-    @staticmethod
-    def cat(states: list[EnsembleState], width: int) -> EnsembleState:
-        return EnsembleState(tuple(type(parts[0]).cat(list(parts), width)
-                                   for parts in zip(*(s.parts for s in states), strict=True)))
+    def rows(self: _P, start: int, stop: int) -> _P:
+        return type(self)(tuple(p.rows(start, stop) for p in self.parts))
+
+    def widen(self: _P, width: int) -> _P:
+        return type(self)(tuple(p.widen(width) for p in self.parts))
+
+    @classmethod
+    def cat(cls: type[_P], items: list[_P], width: int) -> _P:
+        return cls(tuple(type(parts[0]).cat(list(parts), width)
+                         for parts in zip(*(i.parts for i in items), strict=True)))
+
+
+class EnsembleState(_PerMember):
+    """One DecoderState per model."""
 
     def put(self, rows: torch.Tensor, src: EnsembleState, width: int) -> EnsembleState:
         return EnsembleState(tuple(d.put(rows, s, width) for d, s in zip(self.parts, src.parts, strict=True)))
 
 
-class EnsembleMemory(NamedTuple):
-    parts: tuple  # one AttentionMemory per model, all over the same source positions
+class EnsembleMemory(_PerMember):
+    """One AttentionMemory per model, all over the same source positions."""
 
     @property
     def width(self) -> int:
         return self.parts[0].width
-
-    def select(self, index: torch.Tensor) -> EnsembleMemory:
-        return EnsembleMemory(tuple(p.select(index) for p in self.parts))
-
-    def rows(self, start: int, stop: int) -> EnsembleMemory:
-        return EnsembleMemory(tuple(p.rows(start, stop) for p in self.parts))
-
-    def widen(self, width: int) -> EnsembleMemory:
-        return EnsembleMemory(tuple(p.widen(width) for p in self.parts))
-
-    @staticmethod
-    def cat(memories: list[EnsembleMemory], width: int) -> EnsembleMemory:
-        return EnsembleMemory(tuple(type(parts[0]).cat(list(parts), width)
-                                    for parts in zip(*(m.parts for m in memories), strict=True)))
 
     def put(self, rows: torch.Tensor, src: EnsembleMemory) -> EnsembleMemory:
         return EnsembleMemory(tuple(d.put(rows, s) for d, s in zip(self.parts, src.parts, strict=True)))

@@ -267,9 +267,8 @@ class Trainer:
             if self.dist.distributed:
                 # payload["rng"] stays rank 0's, for a single-process resume
                 payload["rng_ranks"] = [torch.load(io.BytesIO(b), weights_only=True) for b in rngs]
-            validated = [bleu for step, bleu in self.progress.validations if step == self.progress.step]
             # the valid BLEU of these weights, for seq2seq-average best=N; None: saved between validations
-            payload["valid_bleu"] = validated[-1] if validated else None
+            payload["valid_bleu"] = self.progress.validations[-1][1] if self._validated_now() else None
             try:
                 save_step_checkpoint(payload, self.ckpt_dir, self.progress.step,
                                      self.cfg.trainer.keep_checkpoints, ("last", "best") if best else ("last",),
@@ -288,6 +287,11 @@ class Trainer:
             if not self.dist.is_primary:
                 raise ReportedByPrimary(TrainingError.exit_code)
             raise TrainingError(failure)
+
+    def _validated_now(self) -> bool:
+        """Whether the current step has been validated (a resumed run knows it from its checkpoint)."""
+        v = self.progress.validations
+        return bool(v) and v[-1][0] == self.progress.step
 
     def _best_steps(self) -> set[int]:
         """The ``trainer.keep_best_checkpoints`` validated steps with the best valid BLEU (the
@@ -596,14 +600,13 @@ class Trainer:
                    unit="step", dynamic_ncols=True)
         save_every = cfg.trainer.save_every
         window_start = time.perf_counter()
-        validated_at = -1
 
-        def validate_now(window_start: float) -> tuple[bool, int, float]:
-            """Validate; whether to stop early, the step validated, and the log window's start
-            moved by the validation's time (the window's tokens/s counts training time only)."""
+        def validate_now(window_start: float) -> tuple[bool, float]:
+            """Validate; whether to stop early, and the log window's start moved by the
+            validation's time (the window's tokens/s counts training time only)."""
             start = time.perf_counter()
             stop = self._after_validation(self.validate(tracker))
-            return stop, p.step, window_start + time.perf_counter() - start
+            return stop, window_start + time.perf_counter() - start
 
         stop = False
         try:
@@ -632,7 +635,7 @@ class Trainer:
                             self._log_window(tracker, bar, time.perf_counter() - window_start)
                             window_start = time.perf_counter()
                         if p.step % cfg.trainer.valid_every == 0:
-                            stop, validated_at, window_start = validate_now(window_start)
+                            stop, window_start = validate_now(window_start)
                         elif save_every is not None and p.step % save_every == 0:
                             self.save()
                         if result.stop or (not self.dist.distributed and self.stop_signal is not None):
@@ -650,9 +653,9 @@ class Trainer:
                         p.batch_in_epoch = 0
                         # After the epoch's bookkeeping, so the checkpoint this validation saves
                         # resumes at the start of the next epoch.
-                        if cfg.trainer.valid_each_epoch and validated_at != p.step:
-                            stop, validated_at, window_start = validate_now(window_start)
-                if validated_at != p.step and not stop:  # the final state is always validated
+                        if cfg.trainer.valid_each_epoch and not self._validated_now():
+                            stop, window_start = validate_now(window_start)
+                if not self._validated_now() and not stop:  # the final state is always validated
                     self._after_validation(self.validate(tracker))
             if stop:
                 log.info("early stopping: no better valid BLEU in %d validations", cfg.trainer.patience)
