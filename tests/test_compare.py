@@ -18,7 +18,7 @@ from seq2seq import cli
 from seq2seq.evaluation.compare import CompareError, build_comparison, run_compare
 from seq2seq.evaluation.compare_report import relative_bleu
 from seq2seq.evaluation.compare_runs import describe
-from seq2seq.evaluation.metrics import BucketScore, CorpusScore, Interval
+from seq2seq.evaluation.metrics import BucketScore, CorpusScore, Interval, paired_bootstrap
 from seq2seq.evaluation.report import EvalReport
 
 BLEU_SIG = "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0"
@@ -36,7 +36,7 @@ def make_run(root: Path, name: str, *, attention: str = "bahdanau", seed: int = 
              refs: list[str] | None = REFS, summary: bool = True, finished: bool = True,
              eval_name: str | None = "test", search: dict | None = None, bleu_sig: str = BLEU_SIG,
              train_seconds: float = 100.0, tokens_per_s: float = 1000.0, best_step: int = 500,
-             num_parameters: int = 1000) -> Path:
+             num_parameters: int = 1000, srcs: list[str] | None = None) -> Path:
     """A run directory with config, summary.json and one eval report with fabricated scores."""
     run = root / name
     cfg = OmegaConf.create({
@@ -78,7 +78,13 @@ def make_run(root: Path, name: str, *, attention: str = "bahdanau", seed: int = 
     (out / "hyps.txt").write_text("".join(h + "\n" for h in (hyps or BAD)))
     if refs is not None:
         (out / "refs.txt").write_text("".join(r + "\n" for r in refs))
+    if srcs is not None:
+        (out / "srcs.txt").write_text("".join(x + "\n" for x in srcs))
     return run
+
+
+# Sources matching the fabricated buckets: 25 of 1-10 words, 15 of 11-20.
+SRCS = [" ".join(["w"] * (1 + i % 10)) for i in range(25)] + [" ".join(["w"] * (11 + i % 10)) for i in range(15)]
 
 
 @pytest.fixture
@@ -170,6 +176,48 @@ def test_paired_bootstrap_hand_checked_cases(sweep):
     assert c.bootstrap["computed"]
     other = build_comparison([sweep], n_boot=200, seed=7, baseline="luong-general-feed")
     assert {g.label: g for g in other.groups}["none"].paired.delta == pytest.approx(-perfect.delta)
+
+
+def test_delta_by_length_needs_the_sources_of_one_report(sweep, tmp_path, caplog):
+    c = build_comparison([sweep], n_boot=100)
+    assert all(g.paired_buckets is None for g in c.groups)
+    assert "no compared report has srcs.txt" in caplog.text
+    # one run's stored sources are enough: the runs share one test set (same refs.txt)
+    (sweep / "5" / "eval" / "test" / "srcs.txt").write_text("".join(x + "\n" for x in SRCS))
+    c, paths, _ = run_compare([sweep], n_boot=100)
+    groups = {g.label: g for g in c.groups}
+    assert groups["none"].paired_buckets is None  # the baseline
+    short, long, empty = groups["luong-general-feed"].paired_buckets
+    assert empty is None  # the 21+ bucket holds no sentence
+    # luong's hypotheses are the references, the baseline's truncated ones: better in both
+    # buckets, by each bucket's own corpus BLEU difference (sentences 0-24 short, 25-39 long)
+    assert short.ci.low > 0 and long.ci.low > 0 and short.p_value == long.p_value == 0.0
+    assert short.delta == pytest.approx(paired_bootstrap(REFS[:25], BAD[:25], REFS[:25], n_boot=10).delta)
+    assert long.delta == pytest.approx(paired_bootstrap(REFS[25:], BAD[25:], REFS[25:], n_boot=10).delta)
+    same = groups["bahdanau"].paired_buckets  # the same hypotheses as the baseline
+    assert [d.delta for d in same[:2]] == [0.0, 0.0] and same[0].p_value == 1.0
+    md = paths["comparison.md"].read_text()
+    assert "## ΔBLEU by length against `none`" in md
+    assert "| config | 1-10 (n=25) | 11-20 (n=15) |" in md
+    assert f"| luong-general-feed | {short.delta:+.2f} [{short.ci.low:+.2f}, {short.ci.high:+.2f}] p " in md
+    assert "## BLEU by length relative to each config's shortest bucket" in md
+    assert "| bahdanau | 1.00 | 0.63 |" in md  # 17 / 27 (fabricated bucket BLEU)
+    with open(paths["comparison.csv"], newline="") as f:
+        rows = {r["label"]: r for r in csv.DictReader(f)}
+    assert float(rows["luong-general-feed"]["delta_len_11-20"]) == pytest.approx(long.delta)
+    assert rows["none"]["delta_len_11-20"] == "" and rows["bahdanau"]["relative_len_11-20"] != ""
+    doc = json.loads(paths["comparison.json"].read_text())
+    luong = next(x for x in doc["configs"] if x["label"] == "luong-general-feed")
+    assert luong["p_value_len_1-10"] == pytest.approx(short.p_value)
+
+
+def test_sources_with_the_wrong_line_count_are_refused(sweep, monkeypatch, capsys):
+    (sweep / "0" / "eval" / "test" / "srcs.txt").write_text("one\ntwo\n")
+    code, out, err = run_cli(monkeypatch, capsys, str(sweep))
+    assert code != 0 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "srcs.txt has 2 lines but the references have 40" in lines[0]
+    assert not (sweep / "comparison.md").exists()
 
 
 def test_relative_bleu_divides_by_shortest_bucket(sweep):

@@ -17,6 +17,7 @@ from seq2seq.evaluation.metrics import (
     bucket_labels,
     corpus_score,
     paired_bootstrap,
+    paired_bootstrap_by_length,
     source_length,
 )
 
@@ -313,3 +314,23 @@ def test_paired_bootstrap_deterministic_and_validates():
         paired_bootstrap(hyps, hyps[:-1], refs)
     with pytest.raises(ValueError, match="empty"):
         paired_bootstrap([], [], [])
+
+
+def test_paired_bootstrap_by_length_tests_each_bucket_on_its_own_sentences():
+    srcs, hyps, refs = _corpus(n=90)
+    edges = [1, 11, 21, 100]
+    buckets = assign_buckets([source_length(s) for s in srcs], edges)
+    # b equals a on the short sentences and is garbled on the long ones
+    garbled = [h if buckets[i] == 0 else " ".join(h.split()[::-1]) for i, h in enumerate(hyps)]
+    res = paired_bootstrap_by_length(srcs, hyps, garbled, refs, edges, n_boot=300, seed=3)
+    assert len(res) == 4 and res[3] is None  # no source of 100+ words
+    assert res[0].delta == 0.0 and res[0].p_value == 1.0
+    for b in (1, 2):
+        members = [i for i, k in enumerate(buckets) if k == b]
+        alone = paired_bootstrap([hyps[i] for i in members], [garbled[i] for i in members],
+                                 [refs[i] for i in members], n_boot=300)
+        assert res[b].delta == pytest.approx(alone.delta)  # the bucket's own corpus BLEU difference
+        assert res[b].delta > 0 and res[b].ci.low > 0 and res[b].p_value < 0.05
+    assert res == paired_bootstrap_by_length(srcs, hyps, garbled, refs, edges, n_boot=300, seed=3)
+    with pytest.raises(ValueError, match="differ"):
+        paired_bootstrap_by_length(srcs[:-1], hyps, garbled, refs, edges)

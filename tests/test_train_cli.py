@@ -230,6 +230,9 @@ def test_evaluate_on_a_file_pair(trained, tmp_path, cache_dir):
                tmp_path, cache_dir))
     hyps = read_lines(run / "eval" / "mine" / "hyps.txt")
     assert len(hyps) == 3 and hyps[1] == ""
+    # the sources travel with hypotheses and references (seq2seq-compare's ΔBLEU by length)
+    assert read_lines(run / "eval" / "mine" / "srcs.txt") == src
+    assert read_lines(run / "eval" / "mine" / "refs.txt") == ["fo .", "se", "fo se ."]
 
 
 # ----------------------------------------------------------------------------- translate

@@ -13,7 +13,8 @@ ddof=1, with two runs or more).
 
 Significance: each config's first run (lowest seed) is compared with the baseline config's first
 run by paired bootstrap resampling (``metrics.paired_bootstrap``) on the references stored next to
-the hypotheses (``refs.txt``); a single pair of runs, not an average over seeds.
+the hypotheses (``refs.txt``); a single pair of runs, not an average over seeds. The same test runs
+within each source-length bucket when a report stored its sources (``srcs.txt``).
 
 Runs without a report for the split and search, and unfinished runs (``summary.json`` says
 ``finished: false``, or without it ``checkpoints/last.pt`` is not finished or ``best.pt`` is
@@ -42,7 +43,12 @@ from seq2seq.evaluation.compare_runs import (
     load_run,
     natural_key,
 )
-from seq2seq.evaluation.metrics import BucketScore, Interval, paired_bootstrap
+from seq2seq.evaluation.metrics import (
+    BucketScore,
+    Interval,
+    paired_bootstrap,
+    paired_bootstrap_by_length,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +165,32 @@ def run_paired_bootstrap(groups: list[Group], baseline: Group, n_boot: int, seed
     base_hyps = hyps_of(base)
     if base_hyps is None:
         return False
+    srcs = _sources([base, *(g.runs[0] for g in groups)], len(refs))
+    edges = [b.low for b in base.report.buckets]  # type: ignore[union-attr]
     for g in groups:
         hyps = hyps_of(g.runs[0]) if g is not baseline else None
         if hyps is not None:
             g.paired = paired_bootstrap(hyps, base_hyps, refs, n_boot=n_boot, seed=seed)
+            if srcs is not None:
+                g.paired_buckets = paired_bootstrap_by_length(srcs, hyps, base_hyps, refs, edges,
+                                                              n_boot=n_boot, seed=seed)
     return True
+
+
+def _sources(runs: list[Run], count: int) -> list[str] | None:
+    """The test set's source lines, from the first of ``runs`` whose report stored them
+    (``srcs.txt``; the runs share one test set, checked by the references' hash). Reports written
+    before srcs.txt existed have none: then no ΔBLEU by length."""
+    for run in runs:
+        path = run.eval_dir / "srcs.txt"  # type: ignore[operator]
+        if path.is_file():
+            srcs = _read_lines(path)
+            if len(srcs) != count:
+                raise CompareError(f"{path} has {len(srcs)} lines but the references have {count}")
+            return srcs
+    log.warning("no compared report has srcs.txt: no ΔBLEU by length (re-evaluate one run with "
+                "seq2seq-evaluate to store its sources)")
+    return None
 
 
 def build_comparison(paths: list[Path], split: str | None = None, search: str = "greedy",

@@ -62,8 +62,7 @@ def _delta(g: Group, c: Comparison) -> tuple[str, str]:
     if g.paired is None:
         return EMPTY, EMPTY
     p = g.paired
-    shown = f"< {1 / c.bootstrap['samples']:.3g}" if p.p_value == 0 else f"{p.p_value:.3f}"
-    return f"{p.delta:+.2f} [{p.ci.low:+.2f}, {p.ci.high:+.2f}]", shown
+    return f"{p.delta:+.2f} [{p.ci.low:+.2f}, {p.ci.high:+.2f}]", _p_shown(p.p_value, c)
 
 
 ATTENTION_COLUMNS = {"entropy": "att. entropy", "pad_mass": "pad mass", "monotonicity": "monotonicity",
@@ -91,6 +90,39 @@ def markdown_table(c: Comparison) -> str:
                _duration(seconds[0]) + (f" ± {_duration(seconds[1])}" if seconds[1] is not None else ""),
                _pm(*m["tokens_per_s"], digits=0), _pm(*m["best_step"], digits=0), *_delta(g, c)]
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def relative_table(c: Comparison) -> str:
+    """Each config's bucket BLEU over its own shortest bucket's: the bottleneck without the
+    differences in overall quality."""
+    labels = [b.label for b in c.reference.buckets]
+    shown = [i for i, b in enumerate(c.reference.buckets) if b.count > 0]
+    lines = ["| config | " + " | ".join(labels[i] for i in shown) + " |", "|---|" + "---:|" * len(shown)]
+    for g in c.groups:
+        rel = relative_bleu(g)
+        lines.append(f"| {g.label} | " + " | ".join(EMPTY if rel[i] is None else f"{rel[i]:.2f}" for i in shown) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _p_shown(p: float, c: Comparison) -> str:
+    return f"< {1 / c.bootstrap['samples']:.3g}" if p == 0 else f"{p:.3f}"
+
+
+def delta_by_length_table(c: Comparison) -> str:
+    buckets = c.reference.buckets
+    shown = [i for i, b in enumerate(buckets) if b.count > 0]
+    lines = ["| config | " + " | ".join(f"{buckets[i].label} (n={buckets[i].count})" for i in shown) + " |",
+             "|---|" + "---:|" * len(shown)]
+    for g in c.groups:
+        if g.label == c.baseline or not g.paired_buckets:
+            continue
+        cells = []
+        for i in shown:
+            d = g.paired_buckets[i]
+            cells.append(EMPTY if d is None else
+                         f"{d.delta:+.2f} [{d.ci.low:+.2f}, {d.ci.high:+.2f}] p {_p_shown(d.p_value, c)}")
+        lines.append(f"| {g.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -138,6 +170,11 @@ def comparison_markdown(c: Comparison, paths: dict[str, Path]) -> str:
     r = c.reference
     lines = [f"# Comparison: {r.corpus}/{r.split}, {c.search}", "", markdown_table(c)]
     lines += [f"- {s}" for s in _settings(c)]
+    lines += ["", "## BLEU by length relative to each config's shortest bucket", "", relative_table(c)]
+    if any(g.paired_buckets for g in c.groups):
+        lines += ["", f"## ΔBLEU by length against `{c.baseline}`", "",
+                  "Paired bootstrap within each bucket, first run per config: Δ [95% CI], one-sided p.", "",
+                  delta_by_length_table(c)]
     lines += ["", "## Runs", "", "| run | config | seed | BLEU | chrF | eval | status |",
               "|---|---|---:|---:|---:|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in _run_rows(c, paths["comparison.md"].parent)]
@@ -159,6 +196,14 @@ def csv_rows(c: Comparison) -> list[dict[str, Any]]:
         row.update({"baseline": g.label == c.baseline, "delta_bleu": p.delta if p else None,
                     "delta_ci_low": p.ci.low if p else None, "delta_ci_high": p.ci.high if p else None,
                     "p_value": p.p_value if p else None})
+        for b, rel in zip(c.reference.buckets, relative_bleu(g), strict=True):
+            row[f"relative_len_{b.label}"] = rel
+        for i, b in enumerate(c.reference.buckets):
+            d = g.paired_buckets[i] if g.paired_buckets else None
+            row.update({f"delta_len_{b.label}": d.delta if d else None,
+                        f"delta_len_{b.label}_ci_low": d.ci.low if d else None,
+                        f"delta_len_{b.label}_ci_high": d.ci.high if d else None,
+                        f"p_value_len_{b.label}": d.p_value if d else None})
         rows.append(row)
     return rows
 

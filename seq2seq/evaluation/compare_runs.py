@@ -48,6 +48,7 @@ class Group:
     metrics: dict[str, tuple[float | None, float | None]]  # name -> (mean, std)
     buckets: list[BucketScore]  # mean bucket BLEU and mean bootstrap interval, for the plots
     paired: PairedResult | None = None
+    paired_buckets: list[PairedResult | None] | None = None  # per length bucket, vs the baseline
 
 
 @dataclass

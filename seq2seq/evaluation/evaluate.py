@@ -276,6 +276,12 @@ def score_alignments(loaded: LoadedModel, decoded: Decoded, refs: list[str], raw
     return out
 
 
+def _one_line(text: str) -> str:
+    """``text`` with any line break turned into a space: one line per sentence in srcs.txt, and
+    the same whitespace word count, so its length bucket does not change."""
+    return text.replace("\r", " ").replace("\n", " ")
+
+
 def evaluate(loaded: LoadedModel, raw_src: list[str], refs: list[str], corpus: str, split: str,
              search: SearchConfig, eval_cfg: EvalConfig, out_base: Path, tracker: Tracker | None = None,
              tag: str = "test", step: int = 0, gold_alignments: list[str] | None = None,
@@ -314,8 +320,10 @@ def evaluate(loaded: LoadedModel, raw_src: list[str], refs: list[str], corpus: s
         attention=diagnostics,
     )
     out_dir = write_report(report, unique_dir(out_base), hyps)
-    # The references travel with the hypotheses, so reports can be re-scored and compared later.
+    # The references and sources travel with the hypotheses, so reports can be re-scored and
+    # compared later, by source length too (seq2seq-compare's ΔBLEU per length bucket).
     write_text_atomic(out_dir / "refs.txt", "".join(f"{r}\n" for r in refs))
+    write_text_atomic(out_dir / "srcs.txt", "".join(f"{_one_line(s)}\n" for s in raw_src))
     write_heatmaps(loaded, decoded, weights, search, out_dir, eval_cfg.heatmaps, tracker, tag)
     if tracker is not None:
         values = {f"{tag}/bleu": score.bleu, f"{tag}/chrf": score.chrf}

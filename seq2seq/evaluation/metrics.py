@@ -267,23 +267,48 @@ def paired_bootstrap(
     if not refs:
         raise ValueError("cannot compare systems on an empty corpus")
     stats_a, stats_b = _Stats(hyps_a, refs), _Stats(hyps_b, refs)
-    delta = stats_a.bleu_from(stats_a.bleu.sum(axis=0)) - stats_b.bleu_from(
-        stats_b.bleu.sum(axis=0)
-    )
-    rng = np.random.default_rng(seed)
-    boot_a, boot_b = _resample_sums([stats_a.bleu, stats_b.bleu], n_boot, rng)
-    deltas = np.array(
-        [
-            stats_a.bleu_from(ra) - stats_b.bleu_from(rb)
-            for ra, rb in zip(boot_a, boot_b, strict=True)
-        ]
-    )
+    return _paired(stats_a, stats_a.bleu, stats_b.bleu, n_boot, np.random.default_rng(seed), confidence)
+
+
+def paired_bootstrap_by_length(
+    srcs: list[str],
+    hyps_a: list[str],
+    hyps_b: list[str],
+    refs: list[str],
+    edges: list[int],
+    n_boot: int = 1000,
+    seed: int = 12345,
+    confidence: float = 0.95,
+) -> list[PairedResult | None]:
+    """``paired_bootstrap`` within each source-length bucket (None for an empty bucket).
+
+    Where the bottleneck shows, the question is per bucket: is attention's lead among the
+    51-60-word sentences real, or noise of a few dozen sentences? Bucket ``i`` resamples its own
+    sentences with ``default_rng([seed, i])``, as ``bleu_by_length`` does.
+    """
+    _check_same_length(srcs=srcs, hyps_a=hyps_a, hyps_b=hyps_b, refs=refs)
+    _check_bootstrap_args(n_boot, confidence)
+    assignment = np.asarray(assign_buckets([source_length(s) for s in srcs], edges), dtype=int)
+    stats_a, stats_b = _Stats(hyps_a, refs), _Stats(hyps_b, refs)
+    out: list[PairedResult | None] = []
+    for b in range(len(bucket_labels(edges))):
+        members = np.flatnonzero(assignment == b)
+        out.append(None if members.size == 0 else _paired(
+            stats_a, stats_a.bleu[members], stats_b.bleu[members], n_boot,
+            np.random.default_rng([seed, b]), confidence))
+    return out
+
+
+def _paired(stats: _Stats, rows_a: np.ndarray, rows_b: np.ndarray, n_boot: int, rng: np.random.Generator,
+            confidence: float) -> PairedResult:
+    """BLEU(rows_a) - BLEU(rows_b) and its bootstrap over the same resampled rows of both."""
+    delta = stats.bleu_from(rows_a.sum(axis=0)) - stats.bleu_from(rows_b.sum(axis=0))
+    boot_a, boot_b = _resample_sums([rows_a, rows_b], n_boot, rng)
+    deltas = np.array([stats.bleu_from(ra) - stats.bleu_from(rb) for ra, rb in zip(boot_a, boot_b, strict=True)])
     if delta > 0:
         p_value = float(np.mean(deltas <= 0))
     elif delta < 0:
         p_value = float(np.mean(deltas >= 0))
     else:
         p_value = 1.0
-    return PairedResult(
-        delta=float(delta), ci=_percentile_interval(deltas, confidence), p_value=p_value
-    )
+    return PairedResult(delta=float(delta), ci=_percentile_interval(deltas, confidence), p_value=p_value)
