@@ -62,15 +62,17 @@ VARIANTS: dict[str, Spec] = {
     "bahdanau-rel": Spec(AttentionType.bahdanau, LuongScore.general, False, position_bias=PositionBias.relative),
     "luong-general-h2-rel": Spec(AttentionType.luong, LuongScore.general, False, heads=2,
                                  position_bias=PositionBias.relative),
+    "local-p2-dot-rel": Spec(AttentionType.local, LuongScore.dot, False, mode=LocalMode.predictive, window=2,
+                             position_bias=PositionBias.relative),
     "bahdanau-sa": Spec(AttentionType.bahdanau, LuongScore.general, False, self_attention=True),
     "luong-general-sa": Spec(AttentionType.luong, LuongScore.general, False, self_attention=True),
 }
 LAB = ["luong-scaled_dot-feed", "bahdanau-h4", "luong-general-h4-sparsemax", "bahdanau-entmax15",
        "local-m3-general-feed", "local-p2-dot", "local-m2-concat", "bahdanau-cov", "luong-concat-cov",
-       "bahdanau-rel", "luong-general-h2-rel", "bahdanau-sa", "luong-general-sa"]
+       "bahdanau-rel", "luong-general-h2-rel", "local-p2-dot-rel", "bahdanau-sa", "luong-general-sa"]
 # local-p weighs its window by a Gaussian after normalising (Luong et al. 2015, eq. 10): its
 # weights sum to at most 1
-UNNORMALISED = ["local-p2-dot"]
+UNNORMALISED = ["local-p2-dot", "local-p2-dot-rel"]
 ATTENTIVE = [v for v in VARIANTS if v != "none"]
 KERNELS = ["fast", "reference"]  # the engines every model, gradient and search test runs on
 

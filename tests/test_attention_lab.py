@@ -167,8 +167,8 @@ SHORT = ["experiment=smoke", "trainer.max_steps=12", "trainer.valid_every=6", "e
       "model.attention.max_distance=8", "model.decoder_hidden_size=64", "model.encoder_hidden_size=32"],
      "luong-scaled_dot-feed-h4-entmax15-rel"),
     (["model/attention=local", "model.attention.mode=predictive", "model.attention.window=4",
-      "model.decoder_self_attention=true"],
-     "local-p4-general-feed-sa"),
+      "model.attention.position_bias=relative", "model.decoder_self_attention=true"],
+     "local-p4-general-feed-rel-sa"),
     (["model.attention.normalizer=sparsemax", "model.attention.coverage=true", "trainer.coverage_loss=1.0"],
      "bahdanau-sparsemax-cov"),
 ])
@@ -189,7 +189,8 @@ def test_a_variant_trains_evaluates_and_translates(overrides, description, tmp_p
 @pytest.mark.parametrize("overrides, fragment", [
     (["model/attention=none", "model.attention.heads=2"], "model.attention.heads=2 needs an attention"),
     (["model/attention=local", "model.attention.window=0"], "model.attention.window must be a positive integer"),
-    (["model/attention=local", "model.attention.position_bias=relative"], "is for global attention"),
+    (["model/attention=local", "model.attention.position_bias=relative", "model.attention.max_distance=0"],
+     "model.attention.max_distance must be a positive integer"),
     (["model/attention=luong", "model.attention.coverage=true"], "feeds the coverage vector into an additive"),
     (["trainer.coverage_loss=-1"], "trainer.coverage_loss must be 0 (off) or a positive number"),
     (["model.attention.heads=5"], "model.attention.heads=5 must divide"),
@@ -203,12 +204,12 @@ def test_a_bad_combination_is_refused_before_anything_runs(overrides, fragment, 
 # ----------------------------------------------------------------------------- local attention
 
 
-def local(window: int, predictive: bool = False, score: str = "general"):
+def local(window: int, predictive: bool = False, score: str = "general", relative_distance: int = 0):
     from seq2seq.model.attention import LocalAttention
 
     scorer = (AdditiveAttention(8, 8, hidden_size=6) if score == "concat"
               else MultiplicativeAttention(8, 8, general=score == "general", scaled=score == "scaled_dot"))
-    return LocalAttention(scorer, window, predictive)
+    return LocalAttention(scorer, window, predictive, relative_distance)
 
 
 def test_local_m_weighs_only_the_window_around_each_step():
@@ -387,10 +388,46 @@ def test_relative_scores_pass_gradcheck_and_the_trainer_sets_the_length_ratio(pr
 
 
 def test_relative_refusals():
-    with pytest.raises(ConfigError, match="is for global attention"):
-        check_model_config(lab_config(type=AttentionType.local, position_bias="relative"))
-    with pytest.raises(ConfigError, match="max_distance must be a positive integer"):
-        check_model_config(lab_config(type=AttentionType.luong, position_bias="relative", max_distance=0))
+    for kind in (AttentionType.luong, AttentionType.local):
+        with pytest.raises(ConfigError, match="max_distance must be a positive integer"):
+            check_model_config(lab_config(type=kind, position_bias="relative", max_distance=0))
+
+
+@pytest.mark.parametrize("score", ["general", "concat"])  # the banded pass and the gathered windows
+def test_local_attention_biases_the_distance_to_its_window_centre(score):
+    torch.manual_seed(4)
+    module = local(window=2, score=score, relative_distance=1)
+    plain = local(window=2, score=score)
+    plain.load_state_dict({k: v for k, v in module.state_dict().items() if not k.startswith("relative.")})
+    raw = memory(b=2, s=7, dtype=torch.float32)
+    mem = module.prepare(type("Enc", (), {"outputs": raw.values, "mask": raw.mask})())
+    query, positions = torch.randn(2, 5, 8), torch.arange(5).expand(2, 5)
+    # a zero bias (its initial value) is plain local attention
+    torch.testing.assert_close(module(query, mem, positions).weights, plain(query, mem, positions).weights)
+    with torch.no_grad():
+        module.relative.bias.weight.copy_(torch.tensor([[-40.0], [0.0], [-40.0]]))  # only distance 0 stays
+    weights = module(query, mem, positions).weights
+    centres = [[0, 1, 2, 2, 2], [0, 1, 2, 3, 4]]  # p_t = t, inside the sentence (row 0 has 3 positions)
+    for b in range(2):
+        assert weights[b].argmax(-1).tolist() == centres[b]
+        assert (weights[b].max(-1).values > 0.99).all()
+        assert (weights[0, :, 3:] == 0).all()  # padding
+    with torch.no_grad():  # distance -2 is beyond max_distance=1: it shares the bias of -1
+        module.relative.bias.weight.copy_(torch.tensor([[-40.0], [0.0], [0.0]]))
+    weights = module(query, mem, positions).weights
+    assert (weights[1, 2, [0, 1]] < 1e-9).all() and weights[1, 2, [2, 3, 4]].sum() > 0.99
+
+
+def test_local_p_with_a_relative_bias_passes_gradcheck():
+    torch.manual_seed(5)
+    module = local(window=2, predictive=True, relative_distance=2).double()
+    with torch.no_grad():
+        module.relative.bias.weight.normal_()
+    mem = memory()
+    query = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q: module(q, mem).context, (query,))
+    module(query, mem).context.sum().backward()
+    assert module.relative.bias.weight.grad.abs().sum() > 0  # the bias is trained
 
 
 # ----------------------------------------------------------------------------- decoder self-attention

@@ -50,7 +50,9 @@ class AttentionType(str, Enum):
 
 class PositionBias(str, Enum):
     none = "none"
-    relative = "relative"  # a learned bias per clipped distance to the step's expected source position
+    # a learned bias per clipped distance to the step's expected source position (local attention:
+    # to its window's centre p_t)
+    relative = "relative"
 
 
 class LocalMode(str, Enum):

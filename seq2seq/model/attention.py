@@ -132,7 +132,8 @@ class RelativeBias(nn.Module):
     expected source position e_t = t * rho (``positions`` t): the relative positions of the
     transformer exercises, adapted to cross-attention. rho (``length_ratio``, a buffer saved with
     the model) is the training data's source/target length ratio, set once by the trainer: the
-    target length is unknown while decoding, so training uses the same estimate of i * S / T."""
+    target length is unknown while decoding, so training uses the same estimate of i * S / T.
+    Local attention has its own centre p_t and reads the bias of j - p_t with ``at``."""
 
     def __init__(self, max_distance: int, heads: int) -> None:
         super().__init__()
@@ -145,8 +146,11 @@ class RelativeBias(nn.Module):
         """(B, H, T, S) biases for target positions (B, T) over ``length`` source positions."""
         expected = positions.to(self.length_ratio.dtype) * self.length_ratio  # (B, T)
         source = torch.arange(length, device=positions.device, dtype=expected.dtype)
-        distance = torch.round(source - expected.unsqueeze(-1)).long().clamp(-self.max_distance, self.max_distance)
-        return self.bias(distance + self.max_distance).permute(0, 3, 1, 2)
+        return self.at(torch.round(source - expected.unsqueeze(-1)).long()).permute(0, 3, 1, 2)
+
+    def at(self, distance: torch.Tensor) -> torch.Tensor:
+        """Biases (..., H) of integer distances (...) j - centre, clipped to +-max_distance."""
+        return self.bias(distance.clamp(-self.max_distance, self.max_distance) + self.max_distance)
 
 
 def with_bias(scores: torch.Tensor, relative: RelativeBias | None, positions: torch.Tensor | None) -> torch.Tensor:
@@ -306,6 +310,10 @@ class LocalAttention(Attention):
       positions near p_t (eq. 10; as in the paper, not renormalised, so a step's weights sum to
       at most 1).
 
+    With ``relative_distance`` > 0 a learned bias per distance j - p_t (``RelativeBias.at``;
+    p_t rounded, the window's centre) is added to the window's scores: the relative positions of
+    the transformer exercises, centred where local attention looks.
+
     ``scorer`` gives the score of a query against the window's keys: the module of any global
     score (``dot``, ``general``, ``scaled_dot``, ``concat``), whose parameters it uses. The weights
     returned are placed in a (B, T, S) tensor, exactly 0 outside the window. A single step (search,
@@ -315,8 +323,9 @@ class LocalAttention(Attention):
 
     needs_positions = True
 
-    def __init__(self, scorer: AdditiveAttention | MultiplicativeAttention, window: int, predictive: bool) -> None:
-        super().__init__(scorer.query_size, scorer.value_size, 1, scorer.normalizer)
+    def __init__(self, scorer: AdditiveAttention | MultiplicativeAttention, window: int, predictive: bool,
+                 relative_distance: int = 0) -> None:
+        super().__init__(scorer.query_size, scorer.value_size, 1, scorer.normalizer, relative_distance)
         self.scorer = scorer
         self.window = window
         self.predictive = predictive
@@ -368,7 +377,10 @@ class LocalAttention(Attention):
             picked = x.gather(1, flat.unsqueeze(-1).expand(-1, -1, x.size(-1)))
             return picked.view(b, t, offsets.numel(), x.size(-1))
 
-        weights = normalize_where(self._scores(query, gather(memory.keys)), inside, self.normalizer)
+        scores = self._scores(query, gather(memory.keys))  # (B, T, W)
+        if self.relative is not None:  # the window's offsets are the distances to its centre
+            scores = scores + self.relative.at(offsets).squeeze(-1).to(scores.dtype)
+        weights = normalize_where(scores, inside, self.normalizer)
         if aligned is not None:
             sigma = self.window / 2
             weights = weights * torch.exp(-((index.to(aligned.dtype) - aligned.unsqueeze(-1)) ** 2) / (2 * sigma**2))
@@ -387,7 +399,10 @@ class LocalAttention(Attention):
         if self.scorer.scaled:
             scores = scores / math.sqrt(query.size(-1))
         position = torch.arange(scores.size(-1), device=query.device)
-        keep = ((position - centre.unsqueeze(-1)).abs() <= self.window) & (position < lengths.unsqueeze(-1))
+        distance = position - centre.unsqueeze(-1)  # (B, T, S)
+        if self.relative is not None:
+            scores = scores + self.relative.at(distance).squeeze(-1).to(scores.dtype)
+        keep = (distance.abs() <= self.window) & (position < lengths.unsqueeze(-1))
         weights = normalize_where(scores, keep, self.normalizer)
         if aligned is not None:
             sigma = self.window / 2

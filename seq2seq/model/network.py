@@ -157,9 +157,6 @@ def check_model_config(cfg: ModelConfig) -> None:
     if att.position_bias == PositionBias.relative:
         if att.max_distance < 1:
             raise ConfigError(f"model.attention.max_distance must be a positive integer (got {att.max_distance})")
-        if att.type == AttentionType.local:
-            raise ConfigError("model.attention.position_bias=relative is for global attention; local attention "
-                              "already restricts each step to a window around its position")
     if att.coverage:
         if not additive or att.type == AttentionType.local or att.heads > 1:
             raise ConfigError("model.attention.coverage=true feeds the coverage vector into an additive score of "
@@ -183,15 +180,19 @@ def build_attention(cfg: ModelConfig, query_size: int, value_size: int) -> Atten
         return NoAttention(query_size, value_size)
     scorer: AdditiveAttention | MultiplicativeAttention
     distance = att.max_distance if att.position_bias == PositionBias.relative else 0
+    local = att.type == AttentionType.local
+    # a local attention's bias is its own (distances to its window's centre), not its scorer's
+    scorer_distance = 0 if local else distance
     if att.type == AttentionType.bahdanau or att.score == LuongScore.concat:
         scorer = AdditiveAttention(query_size, value_size, att.hidden_size, att.heads, att.normalizer, att.coverage,
-                                   distance)
+                                   scorer_distance)
     else:
         scorer = MultiplicativeAttention(query_size, value_size, general=att.score == LuongScore.general,
                                          scaled=att.score == LuongScore.scaled_dot, heads=att.heads,
-                                         normalizer=att.normalizer, relative_distance=distance)
-    if att.type == AttentionType.local:
-        return LocalAttention(scorer, att.window, predictive=att.mode == LocalMode.predictive)
+                                         normalizer=att.normalizer, relative_distance=scorer_distance)
+    if local:
+        return LocalAttention(scorer, att.window, predictive=att.mode == LocalMode.predictive,
+                              relative_distance=distance)
     return scorer
 
 
