@@ -129,8 +129,10 @@ def beam_search(engine: Engine, batch: Batch, cfg: SearchConfig, cap: int = 512,
         pool_len = torch.cat([fin_len, torch.full_like(top_beam, t + 1)], dim=1)
         fin_len = torch.gather(pool_len, 1, pick)
 
-        # A sentence ends when its best candidate ends the sentence (beam 1 == greedy).
-        done = done | is_eos[:, 0]
+        # Without a length penalty a sentence ends when its best candidate ends it (beam 1 ==
+        # greedy); with one, once K hypotheses have finished; and when no live hypothesis is left.
+        live = torch.isfinite(torch.where(is_eos, float("-inf"), top_scores)).any(-1)
+        done = done | ~live | (is_eos[:, 0] if cfg.length_penalty == 0 else torch.isfinite(fin_scores).sum(-1) >= k)
         n_done = int(done.sum())  # the step's one host sync
         if n_done == n:
             break

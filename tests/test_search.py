@@ -24,7 +24,7 @@ from helpers_model import (
 from reference_search import beam_search, decode, greedy_search
 
 from seq2seq.core.config import SearchConfig
-from seq2seq.data.tokenizer import EOS_ID
+from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from seq2seq.search.common import max_lengths, search_label
 from seq2seq.search.translate import translate_ids
 
@@ -164,6 +164,80 @@ def test_a_beam_that_holds_every_prefix_finds_the_exact_optimum(kernels):
         assert len(hyp.tokens) <= 2
         assert sequence_logprob(model, src, hyp.tokens) == pytest.approx(best, abs=1e-5)
         assert hyp.score == pytest.approx(best, abs=1e-4)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0])
+def test_with_a_length_penalty_the_search_returns_the_best_normalised_hypothesis(alpha, kernels):
+    """As above (31 hypotheses, a beam holding every prefix), ranked by log-probability over
+    ((5 + n) / 6) ** alpha. The search must go on after the first EOS: with these peaky models the
+    most probable hypothesis is often short and a longer one wins once normalised."""
+    cfg = SearchConfig(beam_size=30, length_penalty=alpha, max_len_ratio=0.0, max_len_offset=3)
+    words = [t for t in range(8) if t not in (PAD_ID, BOS_ID, EOS_ID)]  # search never writes PAD or BOS
+    candidates = [list(c) for n in range(3) for c in itertools.product(words, repeat=n)]
+    assert len(candidates) == 31
+    overtaken = 0
+    for seed, eos_bias in itertools.product(range(6), (-1.0, 2.0)):
+        model = make_model("luong-general-feed", seed, tgt_vocab=8, eos_bias=eos_bias, scale=4.0)
+        src = random_sentences(1, 2, 6, SRC_VOCAB, seed)[0]
+        logprob = [sequence_logprob(model, src, c) for c in candidates]
+        most_probable = candidates[max(range(31), key=lambda i: logprob[i])]
+        best_score, best = max(((lp / ((5 + len(c) + 1) / 6) ** alpha, c) for lp, c in zip(logprob, candidates)),
+                               key=lambda x: x[0])
+        overtaken += len(best) > len(most_probable)
+        for hyp in (beam_search(engine_of(model, kernels), make_batch([src]), cfg)[0],
+                    translate_ids(engine_of(model, kernels), [src], cfg, CPU)[0]):
+            assert hyp.score == pytest.approx(best_score, abs=1e-4)
+            assert hyp.tokens == best
+    assert overtaken >= 3  # the case that matters occurs: a longer hypothesis wins once normalised
+
+
+class _Scripted:
+    """A real engine whose next-token distribution is looked up from the previous token, so a test
+    can say which hypotheses exist and how probable each is."""
+
+    def __init__(self, inner, table: torch.Tensor) -> None:
+        self.inner, self.table, self.name, self.model = inner, table, inner.name, inner.model
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def decode_step(self, prev, state, memory, weights):
+        return self.inner.decode_step(prev, state, memory, weights)._replace(logits=self.table[prev])
+
+
+def _table(rows: dict[int, dict[int, float]], vocab: int = 8) -> torch.Tensor:
+    """Log-probabilities per previous token: the given ones, the rest of the mass spread evenly
+    over the other tokens search may write (never PAD or BOS)."""
+    writable = [t for t in range(vocab) if t not in (PAD_ID, BOS_ID)]
+    table = torch.full((vocab, vocab), -30.0)
+    for prev in range(vocab):
+        given = rows.get(prev, {})
+        rest = [t for t in writable if t not in given]
+        left = 1.0 - sum(math.exp(v) for v in given.values())
+        for t in rest:
+            table[prev, t] = math.log(left / len(rest))
+        for t, v in given.items():
+            table[prev, t] = v
+    return table
+
+
+@pytest.mark.parametrize("beam_size", [2, 5])
+def test_a_length_penalty_lets_a_longer_hypothesis_overtake_an_early_end(beam_size, kernels):
+    """The sentence may end at once (log p -1.0), or go on with 'a b' (log p -1.3 in all): the
+    first is more probable, the second better once normalised by ((5 + 3) / 6) ** 1. With the
+    penalty the search must not end at the first EOS, as it did when the best candidate being EOS
+    ended a sentence whatever the penalty."""
+    a, b = [t for t in range(8) if t not in (PAD_ID, BOS_ID, EOS_ID)][:2]
+    table = _table({BOS_ID: {EOS_ID: -1.0, a: -1.2}, a: {b: -0.05}, b: {EOS_ID: -0.05}})
+    engine = _Scripted(engine_of(make_model("bahdanau", 0, tgt_vocab=8), kernels), table)
+    src = random_sentences(1, 3, 5, SRC_VOCAB, 0)
+    ends_at_once = translate_ids(engine, src, SearchConfig(beam_size=beam_size, length_penalty=0.0), CPU)[0]
+    assert ends_at_once.tokens == [] and ends_at_once.score == pytest.approx(-1.0, abs=1e-4)
+    goes_on = translate_ids(engine, src, SearchConfig(beam_size=beam_size, length_penalty=1.0), CPU)[0]
+    assert goes_on.tokens == [a, b] and goes_on.score == pytest.approx(-1.3 / (8 / 6), abs=1e-4)
+    assert beam_search(engine, make_batch(src), SearchConfig(beam_size=beam_size, length_penalty=1.0))[0].tokens == [a, b]
+    greedy = translate_ids(engine, src, SearchConfig(), CPU)[0]
+    assert greedy.tokens == []  # beam 1 is still greedy
 
 
 # ----------------------------------------------------------------------------- translate_ids

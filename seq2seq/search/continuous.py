@@ -197,6 +197,29 @@ class _GreedyPool(_Sentences):
         self.state = self.state.select(keep)
 
 
+def sentence_ended(is_eos: torch.Tensor, top_scores: torch.Tensor, fin_scores: torch.Tensor, alpha: float,
+                   nbest: int = 1) -> torch.Tensor:
+    """(N,) whether each sentence's beam search ends at this step, given its candidates (N, 2K),
+    best first (``is_eos``, ``top_scores``) and its K best finished scores so far, this step's
+    included.
+
+    Without a length penalty (alpha 0) a hypothesis' score only falls as it grows, so once the best
+    candidate is EOS no live hypothesis can overtake it: the sentence ends there (and beam 1 is
+    greedy), for an n-best list once ``nbest`` have finished. With a length penalty a longer
+    hypothesis may still overtake the finished ones after its normalisation, so, as in fairseq,
+    the sentence goes on until K hypotheses have finished: ending at the first EOS would make the
+    penalty re-rank only what had finished by then, and leave the output as short as with none.
+    Either way it ends when no live hypothesis is left (at the cap every candidate is EOS; a tiny
+    vocabulary may hold fewer than K hypotheses)."""
+    finished = torch.isfinite(fin_scores).sum(-1)
+    if alpha == 0:
+        ended = is_eos[:, 0] & (finished >= nbest) if nbest > 1 else is_eos[:, 0]
+    else:
+        ended = finished >= fin_scores.size(1)
+    live = torch.isfinite(torch.where(is_eos, float("-inf"), top_scores)).any(-1)
+    return ended | ~live
+
+
 class _BeamPool(_Sentences):
     """Beam search, K state rows per sentence (consecutive),
     each sentence at its own step ``t``: the K live hypotheses in ``history[:, :, :t]`` (EOS after
@@ -245,12 +268,7 @@ class _BeamPool(_Sentences):
         pool_len = torch.cat([self.fin_len, length.expand(-1, self.n_cand)], dim=1)
         self.fin_len = torch.gather(pool_len, 1, pick)
         alive = ~self.finished
-        # A sentence ends when its best candidate ends it (and, for an n-best list, once nbest
-        # hypotheses have finished: at the cap every candidate is EOS, so K finish there).
-        ended = is_eos[:, 0]
-        if self.nbest > 1:
-            ended = ended & (torch.isfinite(self.fin_scores).sum(-1) >= self.nbest)
-        self.finished |= ended
+        self.finished |= sentence_ended(is_eos, top_scores, self.fin_scores, self.alpha, self.nbest)
         # the K best unfinished candidates continue
         self.scores, best = torch.where(is_eos, float("-inf"), top_scores).topk(k, dim=-1)
         beam = torch.gather(top_beam, 1, best)  # (N, K)
