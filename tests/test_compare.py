@@ -36,7 +36,7 @@ def make_run(root: Path, name: str, *, attention: str = "bahdanau", seed: int = 
              refs: list[str] | None = REFS, summary: bool = True, finished: bool = True,
              eval_name: str | None = "test", search: dict | None = None, bleu_sig: str = BLEU_SIG,
              train_seconds: float = 100.0, tokens_per_s: float = 1000.0, best_step: int = 500,
-             num_parameters: int = 1000, srcs: list[str] | None = None) -> Path:
+             num_parameters: int = 1000, srcs: list[str] | None = None, attention_stats: dict | None = None) -> Path:
     """A run directory with config, summary.json and one eval report with fabricated scores."""
     run = root / name
     cfg = OmegaConf.create({
@@ -71,7 +71,7 @@ def make_run(root: Path, name: str, *, attention: str = "bahdanau", seed: int = 
         checkpoint=str(run / "checkpoints" / "best.pt"), search=dict(search or GREEDY),
         score=CorpusScore(bleu, chrf, bleu_sig, CHRF_SIG, 400, 410, 400 / 410, bleu + 1, LC_SIG), buckets=buckets,
         num_sentences=N, bootstrap={"samples": 50, "seed": 1, "confidence": 0.95},
-        created="2024-05-01T12:00:00+00:00")
+        created="2024-05-01T12:00:00+00:00", attention=attention_stats)
     out = run / "eval" / eval_name
     out.mkdir(parents=True)
     (out / "report.json").write_text(json.dumps(report.to_dict()))
@@ -162,6 +162,41 @@ def test_output_files_and_columns(sweep):
     assert "| luong-general-feed | 1 |" in md and "| < 0.02 |" in md  # p = 0 of 50 resamples
     for p in ("bleu_by_length.png", "bleu_by_length_relative.png"):
         assert paths[p].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _alignment(aer_short: float, aer_long: float) -> dict:
+    """A report's attention section with gold-alignment scores for the 1-10 and 11-20 buckets."""
+    return {"sentences": N, "entropy": 0.5, "pad_mass": 0.0, "monotonicity": 0.9, "coverage_deviation": 0.2,
+            "alignment": {"sentences": N, "aer": (aer_short + aer_long) / 2, "buckets": [
+                {"label": "1-10", "sentences": 25, "aer": aer_short},
+                {"label": "11-20", "sentences": 15, "aer": aer_long},
+                {"label": "21+", "sentences": 0, "aer": None}]}}
+
+
+def test_aer_by_length_table_csv_and_plot(tmp_path):
+    root = tmp_path / "multirun" / "x"
+    make_run(root, "0", attention="none", bleu=10.0)
+    make_run(root, "1", attention="luong", seed=1, bleu=20.0, attention_stats=_alignment(0.1, 0.3))
+    make_run(root, "2", attention="luong", seed=2, bleu=22.0, attention_stats=_alignment(0.2, 0.5))
+    make_run(root, "3", attention="bahdanau", bleu=21.0, attention_stats=_alignment(0.05, 0.1))
+    c, paths, _ = run_compare([root], n_boot=0)
+    md = paths["comparison.md"].read_text()
+    assert "## Alignment error rate by length" in md and "aer_by_length.png" in md
+    assert "| config | AER 1-10 (n=25) | AER 11-20 (n=15) |" in md  # the empty bucket gets no column
+    assert "| luong-general-feed | 0.150 ± 0.071 | 0.400 ± 0.141 |" in md
+    assert "| bahdanau | 0.050 | 0.100 |" in md
+    assert "| none | " not in md.split("## Alignment error rate by length")[1].split("## Runs")[0]
+    assert paths["aer_by_length.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(paths["comparison.csv"], newline="") as f:
+        rows = {r["label"]: r for r in csv.DictReader(f)}
+    assert float(rows["luong-general-feed"]["aer_len_11-20_mean"]) == pytest.approx(0.4)
+    assert rows["none"]["aer_len_1-10_mean"] == ""
+
+
+def test_no_aer_plot_without_gold_alignments(sweep):
+    _, paths, _ = run_compare([sweep], n_boot=0)
+    assert "aer_by_length.png" not in paths and not (sweep / "aer_by_length.png").exists()
+    assert "Alignment error rate" not in paths["comparison.md"].read_text()
 
 
 def test_paired_bootstrap_hand_checked_cases(sweep):

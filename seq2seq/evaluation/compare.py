@@ -49,6 +49,7 @@ from seq2seq.evaluation.metrics import (
     paired_bootstrap,
     paired_bootstrap_by_length,
 )
+from seq2seq.evaluation.report import EvalReport
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,16 @@ def _mean_buckets(runs: list[Run]) -> list[BucketScore]:
     return out
 
 
+def _bucket_aer(report: EvalReport, label: str) -> float | None:
+    """AER of one length bucket of a report scored against gold alignments (None: no gold, or
+    an empty bucket)."""
+    alignment = (report.attention or {}).get("alignment") or {}
+    for bucket in alignment.get("buckets") or []:
+        if bucket.get("label") == label:
+            return bucket.get("aer")
+    return None
+
+
 def make_group(label: str, runs: list[Run]) -> Group:
     runs = sorted(runs, key=lambda r: (r.seed is None, r.seed or 0, natural_key(r.path)))
     reports = [r.report for r in runs]
@@ -134,6 +145,8 @@ def make_group(label: str, runs: list[Run]) -> Group:
         metrics[f"attention_{key}"] = mean_std([(rep.attention or {}).get(key) for rep in reports])  # type: ignore[union-attr]
     metrics["attention_aer"] = mean_std([((rep.attention or {}).get("alignment") or {}).get("aer")  # type: ignore[union-attr]
                                          for rep in reports])
+    for b in reports[0].buckets:  # type: ignore[union-attr]
+        metrics[f"aer_len_{b.label}"] = mean_std([_bucket_aer(rep, b.label) for rep in reports])
     return Group(label, runs, metrics, _mean_buckets(runs))
 
 

@@ -1,7 +1,8 @@
-"""Output files of ``seq2seq-compare``: comparison.{md,csv,json} and the two BLEU-by-length plots.
+"""Output files of ``seq2seq-compare``: comparison.{md,csv,json}, the two BLEU-by-length plots and,
+when the reports were scored against gold word alignments, the AER-by-length plot.
 
-Existing files are never overwritten: when any of the five names exists in the output folder, all
-five get the first free suffix (``comparison-2.md``, ``bleu_by_length-2.png``, ...).
+Existing files are never overwritten: when any of the output names exists in the output folder,
+all of them get the first free suffix (``comparison-2.md``, ``bleu_by_length-2.png``, ...).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from seq2seq.evaluation.report import EMPTY, plot_bleu_by_length
 log = logging.getLogger(__name__)
 
 NAMES = ("comparison.md", "comparison.csv", "comparison.json", "bleu_by_length.png",
-         "bleu_by_length_relative.png")
+         "bleu_by_length_relative.png", "aer_by_length.png")
+AER_PLOT = "aer_by_length.png"  # written only when some report carries an AER
 STAT_COLUMNS = (("num_parameters", "params"), ("train_seconds", "train time"),
                 ("tokens_per_s", "tok/s"), ("best_step", "best step"))
 
 
 def output_paths(out_dir: Path) -> dict[str, Path]:
-    """The five output paths with the first suffix ("", "-2", "-3", ...) that none of them uses."""
+    """The output paths with the first suffix ("", "-2", "-3", ...) that none of them uses."""
     i = 1
     while True:
         suffix = "" if i == 1 else f"-{i}"
@@ -105,6 +107,26 @@ def relative_table(c: Comparison) -> str:
     return "\n".join(lines) + "\n"
 
 
+def aer_shown(c: Comparison) -> bool:
+    """Whether any compared report was scored against gold alignments (the synthetic corpus)."""
+    return any(g.metrics.get(f"aer_len_{b.label}", (None, None))[0] is not None
+               for g in c.groups for b in c.reference.buckets)
+
+
+def aer_by_length_table(c: Comparison) -> str:
+    """Each config's alignment error rate per source-length bucket (mean ± std over seeds): where
+    attention stops pointing at the right source words as sentences grow."""
+    shown = bucket_columns(c)
+    lines = ["| config | " + " | ".join(f"AER {lb} (n={n})" for lb, n in shown) + " |",
+             "|---|" + "---:|" * len(shown)]
+    for g in c.groups:
+        if all(g.metrics.get(f"aer_len_{lb}", (None, None))[0] is None for lb, _ in shown):
+            continue  # no attention, or no gold alignments
+        cells = [_pm(*g.metrics[f"aer_len_{lb}"], digits=3) for lb, _ in shown]
+        lines.append(f"| {g.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _p_shown(p: float, c: Comparison) -> str:
     return f"< {1 / c.bootstrap['samples']:.3g}" if p == 0 else f"{p:.3f}"
 
@@ -175,6 +197,11 @@ def comparison_markdown(c: Comparison, paths: dict[str, Path]) -> str:
         lines += ["", f"## ΔBLEU by length against `{c.baseline}`", "",
                   "Paired bootstrap within each bucket, first run per config: Δ [95% CI], one-sided p.", "",
                   delta_by_length_table(c)]
+    if aer_shown(c):
+        lines += ["", "## Alignment error rate by length", "",
+                  "AER (Och & Ney 2003) of the attention's word alignments against the gold ones, by source "
+                  "length; lower is better. Configs without attention have none.", "",
+                  aer_by_length_table(c), f"![AER by source length]({paths[AER_PLOT].name})"]
     lines += ["", "## Runs", "", "| run | config | seed | BLEU | chrF | eval | status |",
               "|---|---|---:|---:|---:|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in _run_rows(c, paths["comparison.md"].parent)]
@@ -263,10 +290,38 @@ def plot_relative(c: Comparison, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def plot_aer_by_length(c: Comparison, path: Path) -> None:
+    """Each attention config's mean AER per source-length bucket."""
+    from matplotlib.figure import Figure
+
+    labels = [b.label for b in c.reference.buckets]
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for g in c.groups:
+        points = [(i, g.metrics.get(f"aer_len_{lb}", (None, None))[0]) for i, lb in enumerate(labels)]
+        points = [(i, v) for i, v in points if v is not None]
+        if points:
+            ax.plot([i for i, _ in points], [v for _, v in points], marker="o", label=g.label)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("Source sentence length (words)")
+    ax.set_ylabel("AER (lower is better)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Alignment error rate by length, {c.reference.corpus}/{c.reference.split} (mean over seeds)")
+    ax.grid(True, axis="y", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    os.replace(tmp, path)
+
+
 def write_comparison(c: Comparison, out_dir: Path) -> dict[str, Path]:
-    """Write the five files into ``out_dir`` (created if needed); returns them by base name."""
+    """Write the output files into ``out_dir`` (created if needed); returns the written ones by
+    base name (the AER plot only when some report has an AER)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = output_paths(out_dir)
+    if not aer_shown(c):
+        del paths[AER_PLOT]
     write_text_atomic(paths["comparison.md"], comparison_markdown(c, paths))
     rows = csv_rows(c)
     buf = io.StringIO()
@@ -279,5 +334,7 @@ def write_comparison(c: Comparison, out_dir: Path) -> dict[str, Path]:
              "(mean over seeds; bars: mean bootstrap 95% CI)")
     plot_bleu_by_length([(g.label, g.buckets) for g in c.groups], paths["bleu_by_length.png"], title)
     plot_relative(c, paths["bleu_by_length_relative.png"])
+    if AER_PLOT in paths:
+        plot_aer_by_length(c, paths[AER_PLOT])
     log.info("wrote %s and the plots", paths["comparison.md"])
     return paths
