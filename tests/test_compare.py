@@ -273,6 +273,23 @@ def test_label_lists_other_differing_keys_but_not_seed_or_name(tmp_path):
     assert c.baseline == "bahdanau optim.lr=0.001"  # no `none` config: the first one
 
 
+def test_lab_variants_are_labelled_by_their_model_names_alone(tmp_path):
+    """An attention_zoo-like sweep: the switches the model name shows (heads, normalizer, local
+    mode and window, coverage, position bias, decoder self-attention) do not also appear as
+    key=value, and a variant never merges with the plain model."""
+    root = tmp_path / "zoo"
+    make_run(root, "0", attention="luong")
+    make_run(root, "1", attention="luong", extra={"model": {"attention": {"position_bias": "relative"}}})
+    make_run(root, "2", attention="luong", extra={"model": {"attention": {"heads": 4, "normalizer": "sparsemax"}}})
+    make_run(root, "3", attention="luong", extra={"model": {"decoder_self_attention": True}})
+    make_run(root, "4", attention="local", extra={"model": {"attention": {"mode": "predictive", "window": 4}}})
+    make_run(root, "5", attention="bahdanau", extra={"model": {"attention": {"coverage": True}}})
+    c = build_comparison([root], n_boot=0)
+    assert [g.label for g in c.groups] == ["luong-general-feed", "luong-general-feed-rel",
+                                           "luong-general-feed-h4-sparsemax", "luong-general-feed-sa",
+                                           "local-p4-general-feed", "bahdanau-cov"]
+
+
 def test_describe_matches_model_description():
     from seq2seq.core.config import AttentionConfig, AttentionType, LuongScore, ModelConfig
     from seq2seq.model.network import describe as model_describe

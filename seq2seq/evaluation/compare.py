@@ -58,8 +58,10 @@ IGNORED_KEYS = frozenset({
     "trainer.num_threads", "trainer.log_every", "trainer.sample_translations",
     "trainer.evaluate_at_end", "trainer.save_every", "trainer.keep_checkpoints", "trainer.keep_best_checkpoints",
     "trainer.max_oom_steps", "trainer.max_nonfinite_steps",
-    # covered by the model description
+    # covered by the model description (seq2seq.model.network.describe): "-rel", "-h4", "-sa", ...
     "model.attention.type", "model.attention.score", "model.attention.input_feeding",
+    "model.attention.heads", "model.attention.normalizer", "model.attention.mode", "model.attention.window",
+    "model.attention.coverage", "model.attention.position_bias", "model.decoder_self_attention",
 })
 IGNORED_PREFIXES = ("search.", "eval.")
 

@@ -124,7 +124,8 @@ def describe(cfg: dict[str, Any]) -> str:
         typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AttentionConfig), attention))
     except Exception:  # a run written by another version: keys or values this one does not know
         return str(cfg.get("model.attention.type", "bahdanau"))
-    return model_describe(ModelConfig(attention=typed))  # type: ignore[arg-type]
+    self_attention = bool(cfg.get("model.decoder_self_attention", False))
+    return model_describe(ModelConfig(attention=typed, decoder_self_attention=self_attention))  # type: ignore[arg-type]
 
 
 def eval_dir_name(split: str, search: str) -> str:
