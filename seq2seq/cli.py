@@ -256,8 +256,11 @@ def _train_task(dcfg: DictConfig) -> float | None:
         cfg: TrainConfig = OmegaConf.to_object(dcfg)
         if dist is None:
             dist = _join_submitit_job(cfg)
-        reports = run_training(cfg, run_dir, dist)
+        result = run_training(cfg, run_dir, dist)
+        reports = result.reports
         print_reports(reports)
+        if result.stopped and _in_process_sweep():
+            _end_stopped_sweep(run_dir)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside the training loop (which saves and stops)
         if dist is not None and not dist.is_primary:
             sys.exit(130)
@@ -269,7 +272,7 @@ def _train_task(dcfg: DictConfig) -> float | None:
             _rank_fail(err, dist.rank)
         # One bad job must not end a sweep that runs its jobs in this process; a submitit job is a
         # process (or SLURM job) of its own, which ends with the error for the launcher to report.
-        if HydraConfig.get().mode == RunMode.MULTIRUN and "SUBMITIT_EXECUTOR" not in os.environ:
+        if _in_process_sweep():
             log.error("%s: %s", run_dir, err)
             _failed_jobs.append(f"{run_dir}: {err}")
             return None
@@ -278,6 +281,23 @@ def _train_task(dcfg: DictConfig) -> float | None:
         if dist is not None:
             dist.close()
     return reports[0][0].score.bleu if reports else None
+
+
+def _in_process_sweep() -> bool:
+    """A ``-m`` sweep whose jobs run one after another in this process (Hydra's basic launcher)."""
+    return HydraConfig.get().mode == RunMode.MULTIRUN and "SUBMITIT_EXECUTOR" not in os.environ
+
+
+def _end_stopped_sweep(run_dir: Path) -> None:
+    """Ctrl-C or SIGTERM stops the whole sweep, not only the job that was training: the basic
+    launcher would otherwise go on to the next job, and a user would have to stop every job in
+    turn. The stopped job is saved like a single run (exit status 0); earlier failed jobs still
+    make it 1. SystemExit, not an exception, because Hydra's job runner catches Exception."""
+    log.warning("sweep stopped with the job in %s; the jobs after it were not started (run them with the "
+                "same command and only their values, and resume this one with trainer.resume=%s)", run_dir, run_dir)
+    if _failed_jobs:
+        fail(Seq2SeqError(f"{len(_failed_jobs)} sweep job(s) failed: " + "; ".join(_failed_jobs)), 1)
+    sys.exit(0)
 
 
 def _join_submitit_job(cfg: TrainConfig) -> Dist | None:

@@ -119,7 +119,13 @@ def _claim_run_dir(cfg: TrainConfig, run_dir: Path) -> bool:
     return has_checkpoint
 
 
-def run_training(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None) -> list[tuple[EvalReport, Path]]:
+@dataclasses.dataclass
+class TrainingResult:
+    reports: list[tuple[EvalReport, Path]]  # (report, its folder) per test split; empty when not evaluated
+    stopped: bool = False  # SIGINT/SIGTERM ended the training early (saved, resumable, not evaluated)
+
+
+def run_training(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None) -> TrainingResult:
     """Train (or resume) in ``run_dir``, then evaluate the best checkpoint on the test splits.
     With several ranks (``dist``) every rank trains; rank 0 alone writes ``run_dir`` and evaluates."""
     dist = dist or Dist.single()
@@ -135,16 +141,16 @@ def run_training(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None) -> l
         if trainer.budget_spent():
             say("run %s already finished at step %d (epoch %d); raise trainer.max_steps or "
                 "trainer.max_epochs to train further", run_dir, p.step, p.epoch)
-            return []
+            return TrainingResult([])
         if p.finished and trainer.early_stopped():
             say("run %s already stopped early at step %d (no better valid BLEU in %d validations); "
                 "raise trainer.patience to train further", run_dir, p.step, p.bad_validations)
-            return []
+            return TrainingResult([])
         p.finished = False
     progress = trainer.fit()
     peak_rss_mb = dist.all_gather_objects(peak_rss_megabytes(), "the summary")
     if not progress.finished or not dist.is_primary:  # stopped by a signal: evaluation would be premature
-        return []
+        return TrainingResult([], stopped=not progress.finished)
     reports = []
     if cfg.trainer.evaluate_at_end:
         loaded = load_model(find_checkpoint(run_dir, "best"), cfg.trainer.device, cfg.trainer.kernels)
@@ -170,7 +176,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None) -> l
     }
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     log_hparams(run_dir, cfg, summary, [r for r, _ in reports])
-    return reports
+    return TrainingResult(reports)
 
 
 def peak_rss_megabytes() -> float:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
-from test_train_cli import ok, run_cli
+import pytest
+from test_train_cli import ok, run_cli, script
 
 from seq2seq.evaluation.compare_runs import find_run_dirs
 
@@ -47,3 +52,32 @@ def test_a_sweep_with_failed_jobs_exits_non_zero_naming_them(tmp_path: Path) -> 
     last = err.rstrip().splitlines()[-1]
     assert last.startswith("error: 2 sweep job(s) failed: "), last
     assert "nowhere-a" in last and "nowhere-b" in last
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_stops_the_whole_sweep(tmp_path: Path, sig) -> None:
+    """The signal stops the sweep, not only the job training then: that job is saved and says how
+    to resume, no later job starts, and the exit status is 0 as for a single run."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "SEQ2SEQ_CACHE": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.Popen([script("seq2seq-train"), "-m", "experiment=smoke", "model/attention=none,bahdanau",
+                             "trainer.max_steps=100000", "trainer.valid_every=100000", "trainer.log_every=1",
+                             f"hydra.sweep.dir={sweep}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        log = sweep / "0" / "train.log"
+        while not (log.exists() and "step 3: train loss" in log.read_text(encoding="utf-8")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the first job did not start"
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert f"continue with: seq2seq-train trainer.resume={sweep / '0'}" in out + err
+    assert "sweep stopped with the job in" in out + err
+    assert (sweep / "0" / "checkpoints" / "last.pt").exists()
+    assert not (sweep / "1").exists()  # the second job never started
