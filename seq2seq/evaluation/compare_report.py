@@ -264,55 +264,57 @@ def relative_bleu(g: Group) -> list[float | None]:
     return [None if v is None else v / first for v in values]
 
 
-def plot_relative(c: Comparison, path: Path) -> None:
-    """Each config's mean bucket BLEU divided by its own BLEU in its shortest non-empty bucket."""
+def _plot_buckets(c: Comparison, lines: list[tuple[str, list[tuple[int, float]]]], path: Path, *, ylabel: str,
+                  title: str, reference: float | None = None, ylim: tuple[float, float] | None = None) -> None:
+    """One line per config over the test set's length buckets ((bucket index, value) points),
+    written atomically as a PNG."""
     from matplotlib.figure import Figure
 
     labels = [b.label for b in c.reference.buckets]
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.add_subplot()
+    for label, points in lines:
+        ax.plot([i for i, _ in points], [v for _, v in points], marker="o", label=label)
+    if reference is not None:
+        ax.axhline(reference, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("Source sentence length (words)")
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_title(title)
+    ax.grid(True, axis="y", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    os.replace(tmp, path)
+
+
+def plot_relative(c: Comparison, path: Path) -> None:
+    """Each config's mean bucket BLEU divided by its own BLEU in its shortest non-empty bucket."""
+    lines = []
     for g in c.groups:
         points = [(i, v) for i, v in enumerate(relative_bleu(g)) if v is not None]
         if not points:
             log.warning("%s: BLEU is 0 in its shortest bucket; left out of the relative plot", g.label)
             continue
-        ax.plot([i for i, _ in points], [v for _, v in points], marker="o", label=g.label)
-    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_xlabel("Source sentence length (words)")
-    ax.set_ylabel("BLEU / BLEU of the shortest bucket")
-    ax.set_title(f"BLEU by length relative to short sentences, {c.reference.corpus}/{c.reference.split}")
-    ax.grid(True, axis="y", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    os.replace(tmp, path)
+        lines.append((g.label, points))
+    _plot_buckets(c, lines, path, ylabel="BLEU / BLEU of the shortest bucket", reference=1.0,
+                  title=f"BLEU by length relative to short sentences, {c.reference.corpus}/{c.reference.split}")
 
 
 def plot_aer_by_length(c: Comparison, path: Path) -> None:
     """Each attention config's mean AER per source-length bucket."""
-    from matplotlib.figure import Figure
-
-    labels = [b.label for b in c.reference.buckets]
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
-    ax = fig.add_subplot()
+    lines = []
     for g in c.groups:
-        points = [(i, g.metrics.get(f"aer_len_{lb}", (None, None))[0]) for i, lb in enumerate(labels)]
-        points = [(i, v) for i, v in points if v is not None]
+        values = [g.metrics.get(f"aer_len_{b.label}", (None, None))[0] for b in c.reference.buckets]
+        points = [(i, v) for i, v in enumerate(values) if v is not None]
         if points:
-            ax.plot([i for i, _ in points], [v for _, v in points], marker="o", label=g.label)
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_xlabel("Source sentence length (words)")
-    ax.set_ylabel("AER (lower is better)")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"Alignment error rate by length, {c.reference.corpus}/{c.reference.split} (mean over seeds)")
-    ax.grid(True, axis="y", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    os.replace(tmp, path)
+            lines.append((g.label, points))
+    _plot_buckets(c, lines, path, ylabel="AER (lower is better)", ylim=(0, 1),
+                  title=f"Alignment error rate by length, {c.reference.corpus}/{c.reference.split} "
+                        "(mean over seeds)")
 
 
 def write_comparison(c: Comparison, out_dir: Path) -> dict[str, Path]:
