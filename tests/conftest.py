@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -151,6 +153,21 @@ def smoke_config(cache: Path, *overrides: str):
     cfg = compose_checked("train", ["experiment=smoke", f"data.cache_dir={cache}", "trainer.log_every=1",
                                     "trainer.valid_max_sentences=8", "model.dropout=0.1", *overrides])
     return OmegaConf.to_object(cfg)
+
+
+def signal_once_training(proc: subprocess.Popen, log: Path, sig: int, timeout: float = 240) -> tuple[str, str]:
+    """Send ``sig`` to a running seq2seq-train once ``log`` shows its third update (so the signal
+    lands inside the training loop, not during start-up), then wait for it: (stdout, stderr).
+    The process is killed on the way out whatever happens, so a hung run cannot outlive the test."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not (log.exists() and "step 3: train loss" in log.read_text(encoding="utf-8")):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        return proc.communicate(timeout=120)
+    finally:
+        proc.kill()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import smoke_config
+from conftest import signal_once_training, smoke_config
 
 from seq2seq.core.checkpoint import load_checkpoint, load_latest, step_checkpoints
 from seq2seq.core.errors import CheckpointError, TrainingError
@@ -289,24 +289,13 @@ def test_a_disk_that_fills_up_during_training_stops_with_a_clear_error(prepared,
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_ctrl_c_or_sigterm_saves_exits_0_and_says_how_to_resume(prepared, tmp_path, sig) -> None:
-    import time
-
     cache, _ = prepared
     run_dir = tmp_path / "run"
     args = ["experiment=smoke", "trainer.max_steps=100000", "trainer.valid_every=100000", "trainer.log_every=1",
             f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen([str(BIN / "seq2seq-train"), *args], env=_env(cache), cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        log = run_dir / "train.log"
-        while not (log.exists() and "step 3: train loss" in log.read_text(encoding="utf-8")):
-            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
-            time.sleep(0.2)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    out, err = signal_once_training(proc, run_dir / "train.log", sig)
     assert proc.returncode == 0, err[-3000:]
     assert f"continue with: seq2seq-train trainer.resume={run_dir}" in out + err
     step = load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]["step"]

@@ -7,10 +7,10 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
+from conftest import signal_once_training
 from test_train_cli import ok, run_cli, script
 
 from seq2seq.evaluation.compare_runs import find_run_dirs
@@ -65,16 +65,7 @@ def test_ctrl_c_or_sigterm_stops_the_whole_sweep(tmp_path: Path, sig) -> None:
                              "trainer.max_steps=100000", "trainer.valid_every=100000", "trainer.log_every=1",
                              f"hydra.sweep.dir={sweep}"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        log = sweep / "0" / "train.log"
-        while not (log.exists() and "step 3: train loss" in log.read_text(encoding="utf-8")):
-            assert proc.poll() is None and time.monotonic() < deadline, "the first job did not start"
-            time.sleep(0.2)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    out, err = signal_once_training(proc, sweep / "0" / "train.log", sig)  # the first job
     assert proc.returncode == 0, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert f"continue with: seq2seq-train trainer.resume={sweep / '0'}" in out + err
