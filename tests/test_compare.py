@@ -310,6 +310,41 @@ def test_describe_matches_model_description():
     assert describe({"model.attention.type": "luong", "model.attention.unknown_key": 1}) == "luong"
 
 
+def test_a_model_key_is_left_out_of_labels_exactly_when_the_model_name_shows_it():
+    """IGNORED_KEYS and ``describe`` must agree: a model switch the name does not show has to
+    appear as key=value (or two different models would merge), and one it shows must not appear
+    twice. Each field of the model config is changed alone on bases where it can matter."""
+    import dataclasses
+    import enum
+
+    from seq2seq.core.config import AttentionConfig, AttentionType, ModelConfig
+    from seq2seq.evaluation.compare import IGNORED_KEYS
+    from seq2seq.model.network import describe as model_describe
+
+    def changed(value):
+        if isinstance(value, bool):
+            return not value
+        if isinstance(value, enum.Enum):
+            return next(m for m in type(value) if m != value)
+        if isinstance(value, int):
+            return value + 2
+        return value
+
+    bases = [ModelConfig(attention=AttentionConfig(type=kind)) for kind in AttentionType]
+    for path in ([f"attention.{f.name}" for f in dataclasses.fields(AttentionConfig)]
+                 + [f.name for f in dataclasses.fields(ModelConfig) if f.name != "attention"]):
+        named = False
+        for base in bases:
+            cfg = dataclasses.replace(base, attention=dataclasses.replace(base.attention))
+            holder, field = (cfg.attention, path.split(".")[1]) if path.startswith("attention.") else (cfg, path)
+            new_value = changed(getattr(holder, field))
+            if new_value == getattr(holder, field):
+                continue  # not a switch (floats, sizes of another kind): a differing value is listed
+            setattr(holder, field, new_value)
+            named = named or model_describe(cfg) != model_describe(base)
+        assert named == (f"model.{path}" in IGNORED_KEYS), path
+
+
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({"bleu_sig": BLEU_SIG.replace("13a", "intl")}, "BLEU signature"),
     ({"search": {**GREEDY, "max_len_ratio": 3.0}}, "search settings"),
