@@ -20,6 +20,7 @@ from seq2seq.core.config import (
 )
 from seq2seq.core.errors import ConfigError, DataError, RunDirError
 from seq2seq.core.files import make_writable_dir, write_text_atomic
+from seq2seq.core.memory import JobMemory
 from seq2seq.core.runlock import lock_run_dir
 from seq2seq.core.tracking import Tracker
 from seq2seq.data.corpus import ALIGN_COLUMN, check_languages, load_corpus, read_lines
@@ -133,6 +134,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None) -> T
     # rank 0 fills the cache first; the others then read it (or, on a node of their own, build their own)
     data = dist.primary_first("preparing the data", lambda: prepare_data(cfg.data, cfg.tokenizer))
     trainer = Trainer(cfg, data, run_dir, dist)
+    memory = JobMemory(trainer.device)
+    memory.start_job()  # this job's peak from here (model and data loaded), not a sweep's earlier jobs'
     dist.on_primary("checking free space", lambda: check_free_space(run_dir, 2 * trainer.checkpoint_bytes()))
     if cfg.trainer.resume is not None:
         trainer.restore()
@@ -148,7 +151,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None) -> T
             return TrainingResult([])
         p.finished = False
     progress = trainer.fit()
-    peak_rss_mb = dist.all_gather_objects(peak_rss_megabytes(), "the summary")
+    peaks = dist.all_gather_objects(memory.peaks(), "the summary")
     if not progress.finished or not dist.is_primary:  # stopped by a signal: evaluation would be premature
         return TrainingResult([], stopped=not progress.finished)
     reports = []
@@ -168,7 +171,10 @@ def run_training(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None) -> T
         "train_seconds": progress.train_seconds,
         "train_tokens_per_s": progress.train_tokens / max(progress.train_seconds, 1e-9),
         "ranks": dist.world_size,
-        "peak_rss_mb": peak_rss_mb,  # per rank, after training (evaluation excluded)
+        # per rank, training only (the data preparation before it and the evaluation after it excluded)
+        "peak_rss_mb": [p.rss_mb for p in peaks],
+        "peak_memory_scope": peaks[0].scope,  # "job", or "process" where the peak could not be reset
+        **({"peak_cuda_mb": [p.cuda_mb for p in peaks]} if peaks[0].cuda_mb is not None else {}),
         "skipped_steps": progress.skipped_steps,
         "oom_skipped_steps": progress.oom_steps,
         "finished": progress.finished,
@@ -177,15 +183,6 @@ def run_training(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None) -> T
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     log_hparams(run_dir, cfg, summary, [r for r, _ in reports])
     return TrainingResult(reports)
-
-
-def peak_rss_megabytes() -> float:
-    """This process's peak resident memory so far."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def log_hparams(run_dir: Path, cfg: TrainConfig, summary: dict, reports: list[EvalReport]) -> None:

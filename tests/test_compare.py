@@ -36,7 +36,8 @@ def make_run(root: Path, name: str, *, attention: str = "bahdanau", seed: int = 
              refs: list[str] | None = REFS, summary: bool = True, finished: bool = True,
              eval_name: str | None = "test", search: dict | None = None, bleu_sig: str = BLEU_SIG,
              train_seconds: float = 100.0, tokens_per_s: float = 1000.0, best_step: int = 500,
-             num_parameters: int = 1000, srcs: list[str] | None = None, attention_stats: dict | None = None) -> Path:
+             num_parameters: int = 1000, srcs: list[str] | None = None, attention_stats: dict | None = None,
+             summary_extra: dict | None = None, speed: dict | None = None) -> Path:
     """A run directory with config, summary.json and one eval report with fabricated scores."""
     run = root / name
     cfg = OmegaConf.create({
@@ -58,7 +59,7 @@ def make_run(root: Path, name: str, *, attention: str = "bahdanau", seed: int = 
         (run / "summary.json").write_text(json.dumps({
             "model": model, "num_parameters": num_parameters, "best_step": best_step,
             "best_valid_bleu": bleu, "steps": 1000, "train_seconds": train_seconds,
-            "train_tokens_per_s": tokens_per_s, "finished": finished}))
+            "train_tokens_per_s": tokens_per_s, "finished": finished, **(summary_extra or {})}))
     if eval_name is None:
         return run
     buckets = [
@@ -71,7 +72,7 @@ def make_run(root: Path, name: str, *, attention: str = "bahdanau", seed: int = 
         checkpoint=str(run / "checkpoints" / "best.pt"), search=dict(search or GREEDY),
         score=CorpusScore(bleu, chrf, bleu_sig, CHRF_SIG, 400, 410, 400 / 410, bleu + 1, LC_SIG), buckets=buckets,
         num_sentences=N, bootstrap={"samples": 50, "seed": 1, "confidence": 0.95},
-        created="2024-05-01T12:00:00+00:00", attention=attention_stats)
+        created="2024-05-01T12:00:00+00:00", attention=attention_stats, speed=speed)
     out = run / "eval" / eval_name
     out.mkdir(parents=True)
     (out / "report.json").write_text(json.dumps(report.to_dict()))
@@ -197,6 +198,35 @@ def test_no_aer_plot_without_gold_alignments(sweep):
     _, paths, _ = run_compare([sweep], n_boot=0)
     assert "aer_by_length.png" not in paths and not (sweep / "aer_by_length.png").exists()
     assert "Alignment error rate" not in paths["comparison.md"].read_text()
+
+
+def test_peak_memory_and_decoding_speed_columns(tmp_path):
+    """peak MB is the largest rank's job peak, averaged over seeds; a summary whose figure is the
+    process's (a -m sweep's earlier jobs included), or written before the scope existed, shows —."""
+    root = tmp_path / "sweep"
+    job = {"peak_memory_scope": "job"}
+    make_run(root, "0", attention="none", seed=1, summary_extra={**job, "peak_rss_mb": [1000.0]},
+             speed={"decode_seconds": 0.2, "sentences_per_s": 200.0, "device": "cpu", "threads": 1})
+    make_run(root, "1", attention="none", seed=2, summary_extra={**job, "peak_rss_mb": [1100.0, 1200.0]},
+             speed={"decode_seconds": 0.1, "sentences_per_s": 400.0, "device": "cpu", "threads": 1})
+    make_run(root, "2", attention="bahdanau", summary_extra={"peak_memory_scope": "process", "peak_rss_mb": [900.0]})
+    make_run(root, "3", attention="luong", summary_extra={"peak_rss_mb": [800.0]})  # before the scope was written
+    c = build_comparison([root], n_boot=0)
+    m = {g.label: g.metrics for g in c.groups}
+    assert m["none"]["peak_rss_mb"][0] == pytest.approx(1100.0)  # (1000 + max(1100, 1200)) / 2
+    assert m["none"]["decode_sentences_per_s"][0] == pytest.approx(300.0)
+    for label in ("bahdanau", "luong-general-feed"):
+        assert m[label]["peak_rss_mb"] == (None, None)
+        assert m[label]["decode_sentences_per_s"] == (None, None)
+    out = tmp_path / "out"
+    run_compare([root], out=out, n_boot=0)
+    text = (out / "comparison.md").read_text()
+    table = text[text.index("| config"):].split("\n\n")[0].split("\n")  # the first table
+    header = [h.strip() for h in table[0].strip("|").split("|")]
+    rows = {line.split("|")[1].strip(): [x.strip() for x in line.strip("|").split("|")] for line in table[2:]}
+    assert rows["none"][header.index("peak MB")] == "1100 ± 141"
+    assert rows["none"][header.index("decode sent/s")] == "300.0 ± 141.4"
+    assert rows["bahdanau"][header.index("peak MB")] == "—"
 
 
 def test_paired_bootstrap_hand_checked_cases(sweep):

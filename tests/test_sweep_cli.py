@@ -28,7 +28,11 @@ def test_multirun_sweep_ends_in_a_comparison(tmp_path: Path) -> None:
     assert len(runs) == 2
     for run in runs:  # both runs log under the sweep, so one tensorboard --logdir overlays them
         assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-        assert json.loads((run / "summary.json").read_text())["finished"] is True
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["finished"] is True
+        assert summary["peak_memory_scope"] == "job"  # the second job's peak is its own, not the process's
+        speed = json.loads((run / "eval" / "test" / "report.json").read_text())["speed"]
+        assert speed["sentences_per_s"] > 0 and speed["device"] == "cpu"
 
     proc = ok(run_cli("seq2seq-compare", [str(sweep), "--bootstrap", "200"], tmp_path, cache))
     assert "none" in proc.stdout.decode() and "bahdanau" in proc.stdout.decode()

@@ -141,8 +141,10 @@ def make_group(label: str, runs: list[Run]) -> Group:
                "chrf": mean_std([rep.score.chrf for rep in reports])}  # type: ignore[union-attr]
     for i, b in enumerate(reports[0].buckets):  # type: ignore[union-attr]
         metrics[f"bleu_len_{b.label}"] = mean_std([rep.buckets[i].bleu for rep in reports])  # type: ignore[union-attr]
-    for key in ("num_parameters", "train_seconds", "tokens_per_s", "best_step"):
+    for key in ("num_parameters", "train_seconds", "tokens_per_s", "peak_rss_mb", "best_step"):
         metrics[key] = mean_std([r.stats.get(key) for r in runs])
+    metrics["decode_sentences_per_s"] = mean_std([(rep.speed or {}).get("sentences_per_s")  # type: ignore[union-attr]
+                                                  for rep in reports])
     for key in ATTENTION_KEYS:  # (None, None) for models without attention
         metrics[f"attention_{key}"] = mean_std([(rep.attention or {}).get(key) for rep in reports])  # type: ignore[union-attr]
     metrics["attention_aer"] = mean_std([((rep.attention or {}).get("alignment") or {}).get("aer")  # type: ignore[union-attr]

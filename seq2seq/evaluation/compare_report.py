@@ -25,8 +25,6 @@ log = logging.getLogger(__name__)
 NAMES = ("comparison.md", "comparison.csv", "comparison.json", "bleu_by_length.png",
          "bleu_by_length_relative.png", "aer_by_length.png")
 AER_PLOT = "aer_by_length.png"  # written only when some report carries an AER
-STAT_COLUMNS = (("num_parameters", "params"), ("train_seconds", "train time"),
-                ("tokens_per_s", "tok/s"), ("best_step", "best step"))
 
 
 def output_paths(out_dir: Path) -> dict[str, Path]:
@@ -80,7 +78,7 @@ def markdown_table(c: Comparison) -> str:
     attention = list(ATTENTION_COLUMNS) if _attention_shown(c) else []
     header = ["config", "runs", "BLEU", "BLEU lc", "chrF", *(f"BLEU {lb} (n={n})" for lb, n in buckets),
               *(ATTENTION_COLUMNS[k] for k in attention),
-              "params", "train time", "tok/s", "best step", "ΔBLEU [95% CI]", "p"]
+              "params", "train time", "tok/s", "peak MB", "decode sent/s", "best step", "ΔBLEU [95% CI]", "p"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for g in c.groups:
         m = g.metrics
@@ -90,7 +88,8 @@ def markdown_table(c: Comparison) -> str:
                *(_pm(*m[f"attention_{k}"], digits=3) for k in attention),
                EMPTY if params is None else f"{round(params):,}",
                _duration(seconds[0]) + (f" ± {_duration(seconds[1])}" if seconds[1] is not None else ""),
-               _pm(*m["tokens_per_s"], digits=0), _pm(*m["best_step"], digits=0), *_delta(g, c)]
+               _pm(*m["tokens_per_s"], digits=0), _pm(*m["peak_rss_mb"], digits=0),
+               _pm(*m["decode_sentences_per_s"], digits=1), _pm(*m["best_step"], digits=0), *_delta(g, c)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -165,6 +164,10 @@ def _settings(c: Comparison) -> list[str]:
     else:
         lines.append("ΔBLEU: not computed (one config, --bootstrap 0, or no refs.txt/hyps.txt)")
     lines.append("± is the standard deviation over seeds (ddof=1); none is shown for a single run")
+    lines.append("tok/s: training target tokens per second; peak MB: the training's peak resident memory "
+                 "(largest rank; — for runs that recorded only their process's peak); decode sent/s: the "
+                 "test set's decoding in this search. Speeds are as each run measured them: compare them "
+                 "only between runs made on one machine under the same load")
     return lines
 
 

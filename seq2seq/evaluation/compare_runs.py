@@ -144,6 +144,16 @@ def newest_eval_dir(run_dir: Path, split: str, search: str) -> Path | None:
     return max(found)[1] if found else None
 
 
+def _job_peak(summary: dict) -> float | None:
+    """The largest rank's peak resident memory of this job's training. None when the summary's
+    figure is the process's (``peak_memory_scope`` other than "job", or a summary written before it
+    existed): in a -m sweep that includes the jobs before it."""
+    peaks = summary.get("peak_rss_mb")
+    if summary.get("peak_memory_scope") != "job" or not isinstance(peaks, list) or not peaks:
+        return None
+    return max(float(p) for p in peaks)
+
+
 def _training_stats(run: Run) -> None:
     """Fill ``run.stats`` and ``run.finished`` from summary.json, else from the checkpoint."""
     summary_path = run.path / "summary.json"
@@ -152,7 +162,7 @@ def _training_stats(run: Run) -> None:
             s = json.loads(summary_path.read_text(encoding="utf-8"))
             run.stats = {"num_parameters": s.get("num_parameters"), "best_step": s.get("best_step"),
                          "steps": s.get("steps"), "train_seconds": s.get("train_seconds"),
-                         "tokens_per_s": s.get("train_tokens_per_s")}
+                         "tokens_per_s": s.get("train_tokens_per_s"), "peak_rss_mb": _job_peak(s)}
             run.finished = bool(s.get("finished"))
             if not run.finished:
                 run.problems.append("unfinished (summary.json: finished is false)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -291,7 +292,9 @@ def evaluate(loaded: LoadedModel, raw_src: list[str], refs: list[str], corpus: s
     scored too (``report.json["attention"]["alignment"]``)."""
     if len(raw_src) != len(refs):
         raise ConfigError(f"{len(raw_src)} source lines but {len(refs)} reference lines; they must match")
+    started = time.perf_counter()
     decoded = decode_lines(loaded, raw_src, search)
+    seconds = time.perf_counter() - started  # the texts are back on the host: a GPU has finished
     hyps = decoded.texts
     score = corpus_score(hyps, refs)
     # The attention of the hypotheses just produced (a teacher-forced pass over them): the
@@ -318,6 +321,8 @@ def evaluate(loaded: LoadedModel, raw_src: list[str], refs: list[str], corpus: s
         bootstrap={"samples": eval_cfg.bootstrap_samples, "seed": eval_cfg.bootstrap_seed, "confidence": 0.95},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         attention=diagnostics,
+        speed={"decode_seconds": round(seconds, 3), "sentences_per_s": round(len(hyps) / max(seconds, 1e-9), 1),
+               "device": loaded.device.type, "threads": torch.get_num_threads()},
     )
     out_dir = write_report(report, unique_dir(out_base), hyps)
     # The references and sources travel with the hypotheses, so reports can be re-scored and

@@ -35,6 +35,9 @@ report.json schema (``schema_version`` 1)::
         "sentences": 3003, "entropy": 1.21, "pad_mass": 0.0, "monotonicity": 0.87,
         "coverage_deviation": 0.34,
         "buckets": [{"label": "1-10", "sentences": 412, "entropy": 0.98, ...}, ...]
+      },
+      "speed": {                            # the decoding of this evaluation (tokenizing, search, detokenizing)
+        "decode_seconds": 7.9, "sentences_per_s": 380.2, "device": "cpu", "threads": 2
       }
     }
 """
@@ -71,6 +74,7 @@ class EvalReport:
     bootstrap: dict  # {"samples": 1000, "seed": 12345, "confidence": 0.95}
     created: str  # ISO timestamp
     attention: dict | None = None  # AttentionDiagnostics.to_dict(); None for a model without attention
+    speed: dict | None = None  # decoding time (see the module docstring); None in reports written before it
 
     def to_dict(self) -> dict:
         """The report.json document (see the module docstring)."""
@@ -89,6 +93,7 @@ class EvalReport:
             "bootstrap": dict(self.bootstrap),
             "buckets": [asdict(b) for b in self.buckets],
             **({"attention": self.attention} if self.attention is not None else {}),
+            **({"speed": self.speed} if self.speed is not None else {}),
         }
 
     @classmethod
@@ -120,6 +125,7 @@ class EvalReport:
                 bootstrap=dict(d["bootstrap"]),
                 created=d["created"],
                 attention=d.get("attention"),
+                speed=d.get("speed"),
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"report.json is malformed: {e}") from e
@@ -174,6 +180,9 @@ def _headline(report: EvalReport) -> list[str]:
         f"Length ratio: {s.length_ratio:.3f} (hyp_len {s.hyp_len} / ref_len {s.ref_len})",
         f"Bootstrap: {bs.get('samples')} resamples within each bucket, seed {bs.get('seed')}, "
         f"percentile {_ci_label(report)}",
+        *([f"Decoding: {report.num_sentences} sentences in {report.speed['decode_seconds']:.1f} s "
+            f"({report.speed['sentences_per_s']:.1f} sentences/s, {report.speed['device']}, "
+            f"{report.speed['threads']} threads)"] if report.speed else []),
         f"Created: {report.created}",
     ]
 
