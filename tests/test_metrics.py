@@ -109,6 +109,27 @@ def test_lowercased_bleu_ignores_case_only():
     assert "case:lc" in s.bleu_lc_signature and "case:mixed" in s.bleu_signature
 
 
+def test_tokenized_periods_warn_only_on_a_mismatch(caplog):
+    """Hypotheses and references both ending in ' .' (the synthetic corpus) score without a
+    warning, from sacreBLEU or us, and with the score sacreBLEU gives; tokenized output against
+    detokenized references is warned about, once, with the counts."""
+    rng = np.random.default_rng(0)
+    words = ["a", "b", "c", "d", "e"]
+    refs = [" ".join(rng.choice(words, size=6)) + " ." for _ in range(150)]
+    hyps = [r if i % 3 else "x " + r for i, r in enumerate(refs)]
+    with caplog.at_level("WARNING"):
+        s = corpus_score(hyps, refs)
+    assert caplog.records == []
+    assert s.bleu == sacrebleu.corpus_bleu(hyps, [refs]).score
+    caplog.clear()
+    detok_refs = [r[:-2] + "." for r in refs]
+    with caplog.at_level("WARNING"):
+        corpus_score(hyps, detok_refs)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "150 of 150 hypotheses end in a tokenized period" in messages[0]
+    assert "only 0 references" in messages[0]
+
+
 def test_corpus_score_validates():
     with pytest.raises(ValueError, match="differ"):
         corpus_score(["a"], ["a", "b"])

@@ -265,13 +265,18 @@ def _check_writable(folder: Path, what: str) -> None:
                            "pass --out DIR with a writable folder") from None
 
 
-def run_compare(paths: list[Path], out: Path | None = None, **options: Any) -> tuple[Comparison, dict[str, Path], str]:
-    """Compare, write the files (see ``compare_report``); returns the comparison, paths and table."""
+def run_compare(paths: list[Path], out: Path | None = None, split: str | None = None,
+                search: str = "greedy", baseline: str | None = None, n_boot: int = 1000,
+                seed: int = 12345, include_unfinished: bool = False) -> tuple[Comparison, dict[str, Path], str]:
+    """Compare, write the files (see ``compare_report``); returns the comparison, paths and table.
+
+    The options are ``build_comparison``'s."""
     from seq2seq.evaluation.compare_report import markdown_table, write_comparison
 
     find_run_dirs(paths)  # path errors first
     out_dir = output_dir(paths, out)
-    comparison = build_comparison(paths, **options)
+    comparison = build_comparison(paths, split=split, search=search, baseline=baseline, n_boot=n_boot,
+                                  seed=seed, include_unfinished=include_unfinished)
     _check_writable(out_dir, "--out" if out is not None else "the sweep directory")
     written = write_comparison(comparison, out_dir)
     return comparison, written, markdown_table(comparison)

@@ -15,11 +15,14 @@ summed statistics (``BLEU._compute_score_from_stats`` -> ``BLEU.compute_bleu``,
 from __future__ import annotations
 
 import bisect
+import logging
 from dataclasses import dataclass
 from itertools import pairwise
 
 import numpy as np
 from sacrebleu.metrics import BLEU, CHRF
+
+log = logging.getLogger(__name__)
 
 # Upper bound on the elements of one (resamples x sentences) count matrix, to bound memory.
 _CHUNK_ELEMENTS = 4_000_000
@@ -75,7 +78,7 @@ class _Stats:
     """Per-sentence sufficient statistics of BLEU and chrF for one (hyps, refs) corpus."""
 
     def __init__(self, hyps: list[str], refs: list[str]) -> None:
-        self.bleu_metric = BLEU()
+        self.bleu_metric = BLEU(force=True)  # see _check_tokenized_periods
         self.chrf_metric = CHRF()
         if not hyps:
             self.bleu = np.zeros((0, 2 + 2 * self.bleu_metric.max_ngram_order), dtype=np.int64)
@@ -138,13 +141,31 @@ def _percentile_interval(values: np.ndarray, confidence: float) -> Interval:
     return Interval(float(low), float(high))
 
 
+def _check_tokenized_periods(hyps: list[str], refs: list[str]) -> None:
+    """Warn when the output ends in tokenized periods (' .') and the references do not.
+
+    sacreBLEU warns whenever 100 hypotheses end in ' .', on every scoring call, even when the
+    references are written the same way (the synthetic corpus is): then both sides match and the
+    score is right. A real problem is only a mismatch, which is what this looks for; the metrics
+    run with ``force=True`` (no change to the score or its signature) so sacreBLEU's own message
+    does not repeat on every validation."""
+    tokenized_hyps = sum(h.endswith(" .") for h in hyps)
+    tokenized_refs = sum(r.endswith(" .") for r in refs)
+    if tokenized_hyps >= 100 and tokenized_refs < tokenized_hyps // 2:
+        log.warning("%d of %d hypotheses end in a tokenized period (' .') but only %d references "
+                    "do: the output looks tokenized and the references do not, which lowers BLEU; "
+                    "train on the same (detokenized) form of text as the references",
+                    tokenized_hyps, len(hyps), tokenized_refs)
+
+
 def corpus_score(hyps: list[str], refs: list[str]) -> CorpusScore:
     """sacreBLEU BLEU and chrF (default settings) of ``hyps`` against one raw reference each,
     and the lowercased BLEU (``sacrebleu -lc``), each with its signature."""
     _check_same_length(hyps=hyps, refs=refs)
     if not hyps:
         raise ValueError("cannot score an empty corpus (no hypotheses)")
-    bleu_metric, chrf_metric, lc_metric = BLEU(), CHRF(), BLEU(lowercase=True)
+    _check_tokenized_periods(hyps, refs)
+    bleu_metric, chrf_metric, lc_metric = BLEU(force=True), CHRF(), BLEU(lowercase=True, force=True)
     bleu = bleu_metric.corpus_score(hyps, [refs])
     chrf = chrf_metric.corpus_score(hyps, [refs])
     lc = lc_metric.corpus_score(hyps, [refs])
