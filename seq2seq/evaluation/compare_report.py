@@ -73,12 +73,18 @@ def _attention_shown(c: Comparison) -> bool:
     return any(g.metrics.get("attention_entropy", (None, None))[0] is not None for g in c.groups)
 
 
+def engines(g: Group) -> str:
+    """The engine(s) that trained a config's runs, "" when their summaries do not say."""
+    return "/".join(sorted({r.stats["engine"] for r in g.runs if r.stats.get("engine")}))
+
+
 def markdown_table(c: Comparison) -> str:
     buckets = bucket_columns(c)
     attention = list(ATTENTION_COLUMNS) if _attention_shown(c) else []
     header = ["config", "runs", "BLEU", "BLEU lc", "chrF", *(f"BLEU {lb} (n={n})" for lb, n in buckets),
               *(ATTENTION_COLUMNS[k] for k in attention),
-              "params", "train time", "tok/s", "peak MB", "decode sent/s", "best step", "ΔBLEU [95% CI]", "p"]
+              "params", "train time", "engine", "tok/s", "peak MB", "decode sent/s", "best step", "ΔBLEU [95% CI]",
+              "p"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for g in c.groups:
         m = g.metrics
@@ -88,7 +94,7 @@ def markdown_table(c: Comparison) -> str:
                *(_pm(*m[f"attention_{k}"], digits=3) for k in attention),
                EMPTY if params is None else f"{round(params):,}",
                _duration(seconds[0]) + (f" ± {_duration(seconds[1])}" if seconds[1] is not None else ""),
-               _pm(*m["tokens_per_s"], digits=0), _pm(*m["peak_rss_mb"], digits=0),
+               engines(g) or EMPTY, _pm(*m["tokens_per_s"], digits=0), _pm(*m["peak_rss_mb"], digits=0),
                _pm(*m["decode_sentences_per_s"], digits=1), _pm(*m["best_step"], digits=0), *_delta(g, c)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
@@ -166,8 +172,10 @@ def _settings(c: Comparison) -> list[str]:
     lines.append("± is the standard deviation over seeds (ddof=1); none is shown for a single run")
     lines.append("tok/s: training target tokens per second; peak MB: the training's peak resident memory "
                  "(largest rank; — for runs that recorded only their process's peak); decode sent/s: the "
-                 "test set's decoding in this search. Speeds are as each run measured them: compare them "
-                 "only between runs made on one machine under the same load")
+                 "test set's decoding in this search; engine: fast (the CPU kernels) or reference (the plain "
+                 "model, which every variant without a kernel runs). Speeds are as each run measured "
+                 "them: compare them only between runs made on one machine under the same load and "
+                 "engine")
     return lines
 
 
@@ -219,7 +227,7 @@ def csv_rows(c: Comparison) -> list[dict[str, Any]]:
     rows = []
     for g in c.groups:
         row: dict[str, Any] = {"label": g.label, "runs": len(g.runs),
-                               "seeds": " ".join(str(r.seed) for r in g.runs)}
+                               "seeds": " ".join(str(r.seed) for r in g.runs), "engine": engines(g) or None}
         for key, (mean, std) in g.metrics.items():
             row[f"{key}_mean"], row[f"{key}_std"] = mean, std
         p = g.paired

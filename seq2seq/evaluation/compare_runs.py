@@ -154,6 +154,13 @@ def _job_peak(summary: dict) -> float | None:
     return max(float(p) for p in peaks)
 
 
+def _engine_name(summary: dict[str, Any]) -> str | None:
+    """The engine that trained the run ("fast" or "reference"; None in summaries written before
+    there were two): training and decoding speeds differ by engine as much as by model."""
+    engine = summary.get("engine")
+    return engine.get("name") if isinstance(engine, dict) else None
+
+
 def _training_stats(run: Run) -> None:
     """Fill ``run.stats`` and ``run.finished`` from summary.json, else from the checkpoint."""
     summary_path = run.path / "summary.json"
@@ -162,7 +169,8 @@ def _training_stats(run: Run) -> None:
             s = json.loads(summary_path.read_text(encoding="utf-8"))
             run.stats = {"num_parameters": s.get("num_parameters"), "best_step": s.get("best_step"),
                          "steps": s.get("steps"), "train_seconds": s.get("train_seconds"),
-                         "tokens_per_s": s.get("train_tokens_per_s"), "peak_rss_mb": _job_peak(s)}
+                         "tokens_per_s": s.get("train_tokens_per_s"), "peak_rss_mb": _job_peak(s),
+                         "engine": _engine_name(s)}
             run.finished = bool(s.get("finished"))
             if not run.finished:
                 run.problems.append("unfinished (summary.json: finished is false)")
