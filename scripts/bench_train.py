@@ -6,6 +6,13 @@ For each variant, a fresh process prepares Multi30k (cached after the first), tr
 model (embeddings 256, bi-LSTM 2x256, decoder 512, SentencePiece 8k) for --steps updates and
 reports steady-state target tokens/s (after --warmup updates), parameters and peak RSS.
 Prints the numbers; asserts nothing.
+
+A variant may also be the name of a lab file (configs/lab/<name>.yaml), and the overrides pick
+the experiment and engine, e.g. the attention_zoo's variants on one engine, on an idle machine:
+
+    python scripts/bench_train.py --variants none,bahdanau,luong,scaled_dot,heads4,sparsemax,\
+        entmax15,local_m,local_p,relative,coverage,self_attention \
+        experiment=attention_zoo trainer.kernels=reference trainer.num_threads=1
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 VARIANTS = {
     "none": ["model/attention=none"],
@@ -30,6 +38,19 @@ VARIANTS = {
 }
 
 
+LAB_DIR = Path(__file__).resolve().parent.parent / "configs" / "lab"
+
+
+def variant_overrides(name: str) -> list[str]:
+    """The overrides of a named variant above, or ``lab=<name>`` for a lab file."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    if (LAB_DIR / f"{name}.yaml").is_file():
+        return [f"lab={name}"]
+    known = ", ".join(dict.fromkeys([*VARIANTS, *sorted(p.stem for p in LAB_DIR.glob("*.yaml"))]))
+    raise SystemExit(f"--variants: unknown variant {name!r}; known: {known}")
+
+
 def run_variant(name: str, data_root: str, cache: str, steps: int, warmup: int, extra: list[str]) -> dict:
     from omegaconf import OmegaConf
 
@@ -39,12 +60,10 @@ def run_variant(name: str, data_root: str, cache: str, steps: int, warmup: int, 
     from seq2seq.training.trainer import Trainer
 
     register_configs()
-    overrides = [f"data.root={data_root}", f"data.cache_dir={cache}", *VARIANTS[name], *extra]
+    overrides = [f"data.root={data_root}", f"data.cache_dir={cache}", *variant_overrides(name), *extra]
     cfg = OmegaConf.to_object(compose_checked("train", overrides))
     data = prepare_data(cfg.data, cfg.tokenizer)
     with tempfile.TemporaryDirectory() as run_dir:
-        from pathlib import Path
-
         trainer = Trainer(cfg, data, Path(run_dir))
         batches = trainer.sampler.batches(0)
         tokens, seconds = 0, 0.0
@@ -56,7 +75,7 @@ def run_variant(name: str, data_root: str, cache: str, steps: int, warmup: int, 
             if i >= warmup:
                 tokens += batch.num_tgt_tokens
                 seconds += elapsed
-    return {"variant": name, "params": trainer.num_parameters, "tokens_per_s": tokens / seconds,
+    return {"variant": name, "engine": trainer.engine.name, "params": trainer.num_parameters, "tokens_per_s": tokens / seconds,
             "steps": steps - warmup, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -88,13 +107,16 @@ def main() -> None:
     import torch
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu_model()}")
-    print(f"{'variant':<22}{'params':>12}{'tgt tok/s':>12}{'peak RSS MB':>14}")
-    for name in args.variants.split(","):
+    print(f"{'variant':<22}{'engine':>10}{'params':>12}{'tgt tok/s':>12}{'peak RSS MB':>14}")
+    names = args.variants.split(",")
+    for name in names:
+        variant_overrides(name)  # unknown names before any training
+    for name in names:
         out = subprocess.run([sys.executable, __file__, "--data", args.data, "--cache", args.cache,
                               "--steps", str(args.steps), "--warmup", str(args.warmup), "--child", name,
                               *args.overrides], check=True, capture_output=True, text=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{r['variant']:<22}{r['params']:>12,}{r['tokens_per_s']:>12,.0f}{r['peak_rss_mb']:>14,.0f}")
+        print(f"{r['variant']:<22}{r['engine']:>10}{r['params']:>12,}{r['tokens_per_s']:>12,.0f}{r['peak_rss_mb']:>14,.0f}")
 
 
 if __name__ == "__main__":
