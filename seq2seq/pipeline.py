@@ -8,6 +8,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 
 from seq2seq.core.checkpoint import step_checkpoints
@@ -163,6 +164,10 @@ def run_training(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None) -> T
     summary = {
         "model": trainer.model.description,
         "engine": {"name": trainer.engine.name, **trainer.engine.paths()},
+        # what the speed and memory figures below were measured on (the precision changes both)
+        "device": trainer.device.type,
+        "precision": "float32" if trainer.amp_dtype is None else "bf16",
+        "threads": torch.get_num_threads(),
         "num_parameters": trainer.num_parameters,
         "steps": progress.step,
         "epochs": progress.epoch,

@@ -210,7 +210,7 @@ def test_peak_memory_and_decoding_speed_columns(tmp_path):
     make_run(root, "1", attention="none", seed=2, summary_extra={**job, "peak_rss_mb": [1100.0, 1200.0]},
              speed={"decode_seconds": 0.1, "sentences_per_s": 400.0, "device": "cpu", "threads": 1})
     make_run(root, "2", attention="bahdanau", summary_extra={"peak_memory_scope": "process", "peak_rss_mb": [900.0],
-                                                            "engine": {"name": "reference"}})
+                                                            "engine": {"name": "reference"}, "precision": "float32"})
     make_run(root, "3", attention="luong", summary_extra={"peak_rss_mb": [800.0]})  # before the scope was written
     c = build_comparison([root], n_boot=0)
     m = {g.label: g.metrics for g in c.groups}
@@ -228,11 +228,11 @@ def test_peak_memory_and_decoding_speed_columns(tmp_path):
     assert rows["none"][header.index("peak MB")] == "1100 ± 141"
     assert rows["none"][header.index("decode sent/s")] == "300.0 ± 141.4"
     assert rows["bahdanau"][header.index("peak MB")] == "—"
-    # the engine beside the speeds: fast, reference, or — where the summary does not say
+    # the engine (and its precision where the summary has it) beside the speeds; — where it has neither
     assert [rows[k][header.index("engine")] for k in ("none", "bahdanau", "luong-general-feed")] == \
-        ["fast", "reference", "—"]
+        ["fast", "reference float32", "—"]
     csv_engines = {r["label"]: r["engine"] for r in csv.DictReader((out / "comparison.csv").open())}
-    assert csv_engines == {"none": "fast", "bahdanau": "reference", "luong-general-feed": ""}
+    assert csv_engines == {"none": "fast", "bahdanau": "reference float32", "luong-general-feed": ""}
 
 
 def test_paired_bootstrap_hand_checked_cases(sweep):

@@ -324,6 +324,8 @@ def test_both_engines_train_evaluate_and_translate_alike(tmp_path, cache_dir):
         summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
         assert summary["engine"]["name"] == kernels
         assert {"encoder", "decoder", "search"} <= summary["engine"].keys()
+        # what the speeds were measured on, beside them
+        assert (summary["device"], summary["precision"]) == ("cpu", "float32") and summary["threads"] >= 1
         assert f"engine {kernels}:" in (run / "train.log").read_text(encoding="utf-8")
     fast, reference = (_train_losses(runs[k]) for k in ("fast", "reference"))
     assert len(fast) == len(reference) == 10

@@ -155,10 +155,14 @@ def _job_peak(summary: dict) -> float | None:
 
 
 def _engine_name(summary: dict[str, Any]) -> str | None:
-    """The engine that trained the run ("fast" or "reference"; None in summaries written before
-    there were two): training and decoding speeds differ by engine as much as by model."""
+    """The engine that trained the run and its precision ("fast bf16", "reference float32"; the
+    name alone in older summaries, None before there were two engines): training and decoding
+    speeds differ by engine and precision as much as by model."""
     engine = summary.get("engine")
-    return engine.get("name") if isinstance(engine, dict) else None
+    if not isinstance(engine, dict) or not engine.get("name"):
+        return None
+    precision = summary.get("precision")  # written since 2026-12-06
+    return f"{engine['name']} {precision}" if precision else str(engine["name"])
 
 
 def _training_stats(run: Run) -> None:
