@@ -107,13 +107,17 @@ def test_scaled_dot_is_dot_over_the_square_root_of_the_size():
 def test_each_head_reads_only_its_own_slice_of_the_encoder_states():
     """Dot-product heads over split states: changing the states of head 1's slice leaves head
     0's half of the context alone (its scores and values are its own), and changes head 1's."""
-    mem = memory(dtype=torch.float32)
+    raw = memory(dtype=torch.float32)
     module = MultiplicativeAttention(8, 8, general=False, scaled=True, heads=2)
+
+    def prepared(states: torch.Tensor) -> AttentionMemory:
+        return module.prepare(type("Enc", (), {"outputs": states, "mask": raw.mask})())
+
     query = torch.randn(2, 3, 8)
-    before = module(query, mem).context
-    changed = mem.values.clone()
+    before = module(query, prepared(raw.values)).context
+    changed = raw.values.clone()
     changed[..., 4:] += torch.randn_like(changed[..., 4:])
-    after = module(query, AttentionMemory(changed, changed, mem.mask)).context
+    after = module(query, prepared(changed)).context
     torch.testing.assert_close(after[..., :4], before[..., :4])
     assert (after[..., 4:] - before[..., 4:]).abs().max() > 1e-3
 
