@@ -490,9 +490,21 @@ def _warm_data_cache(args) -> None:
     _say(f"[training] corpus {cfg.data.corpus} prepared ({time.perf_counter() - start:.1f} s)")
 
 
+def _precisions(device: str) -> tuple[str, ...]:
+    """The precisions to train in: both, but fp32 alone on a CPU whose oneDNN has no bf16 LSTM
+    (where the trainer refuses precision=bf16), said once."""
+    from seq2seq.kernels.compat import cpu_runs_bf16_lstm
+
+    if device == "cpu" and not cpu_runs_bf16_lstm():
+        _say("[training] this CPU has no bf16 LSTM in oneDNN (no AVX512): fp32 runs only")
+        return tuple(p for p in PRECISIONS if p != "bf16")
+    return PRECISIONS
+
+
 def run_training(args) -> dict:
     _warm_data_cache(args)
-    jobs = [(f, p) for f in TRAIN_FAMILIES for p in PRECISIONS]
+    precisions = _precisions(args.device)
+    jobs = [(f, p) for f in TRAIN_FAMILIES for p in precisions]
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.threads is None else args.threads
     rows: list[dict] = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -10,6 +10,7 @@ import gzip
 import os
 import subprocess
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +30,25 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cpu_bf16():
+    """For tests that run bf16 autocast on the CPU. Where this CPU's oneDNN has no bf16 LSTM (no
+    AVX512: it raises), the test runs with oneDNN switched off, on torch's own bf16 kernels: the
+    same model, search and kernel code, so the bf16 paths are tested on every machine (the
+    trainer itself refuses precision=bf16 there)."""
+    import torch
+
+    from seq2seq.kernels.compat import cpu_runs_bf16_lstm
+
+    if cpu_runs_bf16_lstm():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TF32 acceleration")  # torch's note on Intel GPUs
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
 
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import types
 
+import pytest
 import torch
 from helpers_model import SRC_VOCAB, make_batch, make_model, random_sentences
 
@@ -57,3 +58,36 @@ def test_without_the_cpu_bf16_probes_precision_auto_is_float32(monkeypatch):
     monkeypatch.setattr(compat, "_warned", set())
     monkeypatch.setattr(compat.torch, "cpu", types.SimpleNamespace())
     assert compat.cpu_has_native_bf16() is False
+
+
+def test_bf16_on_a_cpu_without_a_bf16_lstm_is_refused_or_evaluated_in_float32(monkeypatch, caplog):
+    """oneDNN has no bf16 LSTM without AVX512 / AVX-NE-CONVERT / AMX (an AMD EPYC without AVX512):
+    a forced precision=bf16 would crash inside the first LSTM call. A config asking for it is
+    refused with the key named; a run trained in bf16 elsewhere evaluates in float32, warned."""
+    from seq2seq.core.config import Precision
+    from seq2seq.core.errors import ConfigError
+    from seq2seq.model import devices
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "cpu_runs_bf16_lstm", lambda: False)
+    with pytest.raises(ConfigError, match=r"^trainer\.precision=bf16: this CPU cannot run the LSTM in bf16"):
+        devices.autocast_dtype(Precision.bf16, cpu)
+    with caplog.at_level(logging.WARNING, logger="seq2seq.model.devices"):
+        assert devices.autocast_dtype(Precision.bf16, cpu, saved=True) is None
+    assert "evaluating in float32" in caplog.text
+    assert devices.autocast_dtype(Precision.fp32, cpu) is None
+    monkeypatch.setattr(devices, "cpu_runs_bf16_lstm", lambda: True)
+    assert devices.autocast_dtype(Precision.bf16, cpu) == torch.bfloat16
+
+
+def test_the_bf16_lstm_probe_agrees_with_running_one():
+    """The probe says what this machine does: where it says no, nn.LSTM under bf16 autocast
+    raises; where it says yes, it runs."""
+    lstm = torch.nn.LSTM(8, 8, batch_first=True, bidirectional=True)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            lstm(torch.randn(3, 5, 8))
+        runs = True
+    except RuntimeError:
+        runs = False
+    assert compat.cpu_runs_bf16_lstm() is runs

@@ -18,6 +18,7 @@ from reference_search import beam_search, greedy_search
 
 from seq2seq.core.config import SearchConfig
 from seq2seq.data.batching import collate
+from seq2seq.kernels.compat import cpu_runs_bf16_lstm
 from seq2seq.search.common import SOURCE_MULTIPLE, max_lengths
 from seq2seq.search.continuous import output_width, stream_beam, stream_greedy
 from seq2seq.search.translate import translate_ids
@@ -111,6 +112,7 @@ def test_sentences_that_end_at_once_and_an_empty_input(beam_size, kernels):
 
 
 @pytest.mark.parametrize("beam_size", [1, 3])
+@pytest.mark.usefixtures("cpu_bf16")
 def test_under_bf16_autocast_it_agrees_with_batch_by_batch_decoding(beam_size, kernels):
     """The bf16 path mixes a fresh state (bf16 from the bridge) with decoded ones (float32)."""
     model = make_model("luong-general-feed", 4, eos_bias=1.0, scale=2.5)
@@ -122,9 +124,11 @@ def test_under_bf16_autocast_it_agrees_with_batch_by_batch_decoding(beam_size, k
         alone = [search(engine_of(model, kernels), make_batch([s]), cfg)[0] for s in src]
     same = sum(a.tokens == b.tokens for a, b in zip(streamed, alone))
     assert same >= 30, f"only {same} of 40 outputs agree"
-    if kernels == "reference":
+    if kernels == "reference" or not cpu_runs_bf16_lstm():
         # bf16 keys, energies and products: this deliberately chaotic model (weights x 2.5) parts
-        # ways after a near-tie and does not come back, so only the count above is checked
+        # ways after a near-tie and does not come back, so only the count above is checked. So
+        # too without oneDNN's bf16 LSTM (cpu_bf16): torch's own LSTM gives float32 states for
+        # some batches and bf16 for others, more than rounding apart
         return
     # bf16 rounding (another batch width, other rows) may break near-ties, and only those: two
     # different outputs score the same to within bf16's precision (about 3 digits)
@@ -134,6 +138,7 @@ def test_under_bf16_autocast_it_agrees_with_batch_by_batch_decoding(beam_size, k
 
 
 @pytest.mark.parametrize("beam_size", [1, 3])
+@pytest.mark.usefixtures("cpu_bf16")
 def test_a_pool_takes_batches_whose_encoder_outputs_differ_in_dtype(beam_size, kernels):
     """Under bf16 autocast nn.LSTM gives bf16 states for a batch of one sentence and float32 for
     packed batches of several: the last, one-sentence batch joins a float32 pool."""

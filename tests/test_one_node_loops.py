@@ -84,6 +84,7 @@ def test_logits_and_every_gradient_match_the_textbook_decoder(variant, max_tgt):
 
 
 @pytest.mark.parametrize("variant", LOOPED)
+@pytest.mark.usefixtures("cpu_bf16")
 def test_bf16_autocast_matches_the_autograd_loop_to_bf16_rounding(variant, monkeypatch):
     """Same arithmetic in the same dtypes (the loop's attention is float32, more exact): the two
     differ by bf16 rounding, not by a mistake, which would show as an O(1) relative error."""

@@ -130,6 +130,8 @@ def _comparable_report(path: Path) -> dict:
     report = json.loads(path.read_text(encoding="utf-8"))
     report.pop("created")
     report.pop("checkpoint")
+    report["speed"].pop("decode_seconds")  # the clock, not the computation
+    report["speed"].pop("sentences_per_s")
     return report
 
 

@@ -262,6 +262,7 @@ def test_translate_ids_keeps_the_input_order(beam_size, kernels):
 
 
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.usefixtures("cpu_bf16")
 def test_translate_ids_scores_greedy_output_only_when_asked(amp_dtype, kernels):
     """Unscored greedy decoding skips the normaliser, nothing else: the same tokens; scored, each
     score is the hypothesis' log-probability; beam search always scores."""

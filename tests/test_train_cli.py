@@ -354,3 +354,23 @@ def test_bad_eval_keys_are_refused_before_any_work(command, override, key, tmp_p
     one_line_error(run_cli(command, args, tmp_path, tmp_path / "fresh-cache"), key)
     assert not (tmp_path / "fresh-cache").exists()  # no data was prepared
     assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
+
+
+def test_bf16_on_a_cpu_that_cannot_is_refused_before_any_work(tmp_path, cache_dir):
+    """Forced bf16 on a CPU whose oneDNN has no bf16 LSTM: one line naming the key, no data
+    prepared. Where the CPU can, the same config passes the checks."""
+    from omegaconf import OmegaConf
+
+    from seq2seq.cli import compose_checked
+    from seq2seq.core.config import register_configs
+    from seq2seq.kernels.compat import cpu_runs_bf16_lstm
+    from seq2seq.training.trainer import check_trainer_config
+
+    if cpu_runs_bf16_lstm():
+        register_configs()
+        check_trainer_config(OmegaConf.to_object(compose_checked("train", ["experiment=smoke",
+                                                                          "trainer.precision=bf16"])))
+        return
+    one_line_error(run_cli("seq2seq-train", ["experiment=smoke", "trainer.precision=bf16"], tmp_path,
+                           tmp_path / "fresh-cache"), "trainer.precision=bf16", "precision=auto")
+    assert not (tmp_path / "fresh-cache").exists()

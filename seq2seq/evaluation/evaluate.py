@@ -127,7 +127,7 @@ def load_model(path: Path, device: Device = Device.auto, kernels: Kernels = Kern
     model.to(dev).eval()
     engine = build_engine(model, kernels, dev, key="kernels")
     log.info("%s", describe_engine(engine))
-    return LoadedModel(model, tokenizer, cfg, path, dev, autocast_dtype(cfg.trainer.precision, dev), engine)
+    return LoadedModel(model, tokenizer, cfg, path, dev, autocast_dtype(cfg.trainer.precision, dev, saved=True), engine)
 
 
 def load_models(run_dir: Path, which: str, ensemble: list[str], device: Device = Device.auto,

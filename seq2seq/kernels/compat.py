@@ -9,6 +9,7 @@ that piece (the reference path, or a plain loop) and says so once.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -51,3 +52,20 @@ def cpu_has_native_bf16() -> bool:
     amx = private(torch.cpu, "_is_amx_tile_supported", "the CPU bf16 probe", "float32 (precision=auto)")
     avx = private(torch.cpu, "_is_avx512_bf16_supported", "the CPU bf16 probe", "float32 (precision=auto)")
     return bool(amx is not None and avx is not None and (amx() or avx()))
+
+
+@functools.cache
+def cpu_runs_bf16_lstm() -> bool:
+    """Whether this CPU's oneDNN has a bf16 LSTM (and bf16 weight packing): it needs AVX512 (BW,
+    VL, DQ), AVX-NE-CONVERT or AMX and raises "could not create a primitive descriptor" otherwise
+    (an AMD EPYC without AVX512 does). Found by running a tiny LSTM once, since torch has no probe
+    for exactly that. A torch without oneDNN runs bf16 through its own kernels: True."""
+    if not torch.backends.mkldnn.is_available():
+        return True
+    lstm = torch.nn.LSTM(4, 4, batch_first=True)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            lstm(torch.zeros(1, 2, 4))
+    except RuntimeError:
+        return False
+    return True

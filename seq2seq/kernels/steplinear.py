@@ -13,6 +13,9 @@ the weight packed once into oneDNN's blocked layout (see ``pack_linear``).
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 
 from seq2seq.kernels.compat import mkldnn_packing
@@ -28,6 +31,7 @@ def compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 _REORDER, _PACKED_LINEAR = mkldnn_packing()
+log = logging.getLogger(__name__)
 
 
 class PackedLinear:
@@ -65,11 +69,25 @@ class StepLinear:
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """Whether ``PackedLinear`` can take ``weight``: 2-D, on the CPU, float32 or bf16, no autograd
-    through it, and a torch built with oneDNN."""
+    """Whether ``PackedLinear`` can take ``weight``: 2-D, on the CPU, float32 or bf16 (bf16 only
+    where this CPU's oneDNN has a bf16 path), no autograd through it, and a torch built with oneDNN."""
     return (_REORDER is not None and _PACKED_LINEAR is not None and torch.backends.mkldnn.is_available()
-            and weight.dim() == 2 and weight.device.type == "cpu"
-            and weight.dtype in (torch.float32, torch.bfloat16) and not weight.requires_grad)
+            and weight.dim() == 2 and weight.device.type == "cpu" and not weight.requires_grad
+            and (weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and packs_bf16())))
+
+
+@functools.cache
+def packs_bf16() -> bool:
+    """Whether oneDNN packs bf16 weights on this CPU. It needs AVX512 (BW, VL, DQ) or AVX-NE-CONVERT
+    and raises otherwise (an AMD EPYC without AVX512 does): found by trying once, since torch has
+    no probe for exactly that. Without it, bf16 products in search run as plain matmuls."""
+    try:
+        _REORDER(torch.zeros(16, 16, dtype=torch.bfloat16))  # type: ignore[misc]
+    except RuntimeError as err:
+        log.info("oneDNN cannot pack bf16 weights on this CPU (%s): plain bf16 matmuls in search",
+                 str(err).splitlines()[0])
+        return False
+    return True
 
 
 class _Tape:

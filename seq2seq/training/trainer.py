@@ -86,6 +86,7 @@ def check_trainer_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key} must be a positive integer or null (got {value})")
     if t.max_steps is None and t.max_epochs is None:
         raise ConfigError("set trainer.max_steps or trainer.max_epochs; with neither, training never ends")
+    autocast_dtype(t.precision, resolve_device(t.device))  # bf16 on a CPU that cannot: refused now
     if not (math.isfinite(o.lr) and o.lr > 0):
         raise ConfigError(f"optim.lr must be a positive number (got {o.lr})")
     if not (math.isfinite(o.clip_norm) and o.clip_norm > 0):
