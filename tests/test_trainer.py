@@ -199,6 +199,8 @@ def test_auto_precision_uses_bf16_only_where_it_is_native(monkeypatch) -> None:
     from seq2seq.model.devices import autocast_dtype
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # forced bf16 where oneDNN has a bf16 LSTM (its refusal elsewhere: test_compat)
+    monkeypatch.setattr("seq2seq.model.devices.cpu_runs_bf16_lstm", lambda: True)
     for native, expected in ((True, torch.bfloat16), (False, None)):
         monkeypatch.setattr("seq2seq.model.devices.cpu_has_native_bf16", lambda native=native: native)
         assert autocast_dtype(Precision.auto, cpu) == expected
