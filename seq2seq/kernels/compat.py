@@ -56,7 +56,7 @@ def cpu_has_native_bf16() -> bool:
 
 @functools.cache
 def cpu_runs_bf16_lstm() -> bool:
-    """Whether this CPU's oneDNN has a bf16 LSTM (and bf16 weight packing): it needs AVX512 (BW,
+    """Whether this CPU's oneDNN has a bf16 LSTM: it needs AVX512 (BW,
     VL, DQ), AVX-NE-CONVERT or AMX and raises "could not create a primitive descriptor" otherwise
     (an AMD EPYC without AVX512 does). Found by running a tiny LSTM once, since torch has no probe
     for exactly that. A torch without oneDNN runs bf16 through its own kernels: True."""

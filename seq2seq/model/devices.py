@@ -21,22 +21,21 @@ def resolve_device(requested: Device, key: str = "trainer.device") -> torch.devi
     return torch.device("cuda")
 
 
-def autocast_dtype(precision: Precision, device: torch.device, key: str = "trainer.precision",
-                   saved: bool = False) -> torch.dtype | None:
+def autocast_dtype(precision: Precision, device: torch.device, saved: bool = False) -> torch.dtype | None:
     """``auto``: bf16 autocast on CUDA and on CPUs with native bf16 (float32 master weights,
     float32 non-linearities and cell state); float32 elsewhere. ``fp32``/``bf16`` force one.
 
-    ``bf16`` on a CPU whose oneDNN has no bf16 LSTM is refused (``ConfigError`` naming ``key``);
+    ``bf16`` on a CPU whose oneDNN has no bf16 LSTM is refused (``ConfigError``);
     for a ``saved`` config (a run trained elsewhere, evaluated here) it is float32 instead, with
     a warning: float32 is the more precise of the two."""
     if precision == Precision.bf16:
         if device.type == "cpu" and not cpu_runs_bf16_lstm():
             if saved:
-                log.warning("%s=bf16 (the run's config): this CPU has no bf16 LSTM in oneDNN; "
-                            "evaluating in float32", key)
+                log.warning("trainer.precision=bf16 (the run's config): this CPU has no bf16 LSTM in "
+                            "oneDNN; evaluating in float32")
                 return None
-            raise ConfigError(f"{key}=bf16: this CPU cannot run the LSTM in bf16 (oneDNN needs AVX512, "
-                              f"AVX-NE-CONVERT or AMX); use {key}=auto (float32 here) or fp32")
+            raise ConfigError("trainer.precision=bf16: this CPU cannot run the LSTM in bf16 (oneDNN needs "
+                              "AVX512, AVX-NE-CONVERT or AMX); use trainer.precision=auto (float32 here) or fp32")
         return torch.bfloat16
     if precision == Precision.auto and (device.type == "cuda" or cpu_has_native_bf16()):
         return torch.bfloat16
