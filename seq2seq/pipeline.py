@@ -143,8 +143,9 @@ def run_training(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None) -> T
         p = trainer.progress
         say = log.warning if dist.is_primary else log.debug  # once per job, not once per rank
         if trainer.budget_spent():
-            say("run %s already finished at step %d (epoch %d); raise trainer.max_steps or "
-                "trainer.max_epochs to train further", run_dir, p.step, p.epoch)
+            say("run %s already finished at step %d (epoch %d, %.1f minutes); raise trainer.max_steps, "
+                "trainer.max_epochs or trainer.max_minutes to train further", run_dir, p.step, p.epoch,
+                p.wall_seconds / 60)
             return TrainingResult([])
         if p.finished and trainer.early_stopped():
             say("run %s already stopped early at step %d (no better valid BLEU in %d validations); "

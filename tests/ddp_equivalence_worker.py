@@ -47,7 +47,8 @@ def main(cache: Path, out: Path, updates: int) -> None:
 
 def decisions(cache: Path, out: Path, rank: int, dist) -> None:
     """Trouble on one rank only: rank 1 runs out of memory (update 1), rank 0 gets a non-finite
-    loss (update 2), a signal reaches rank 1 (update 3). Every rank must take the same decision;
+    loss (update 2), a signal reaches rank 1 (update 3), and the ranks' clocks disagree. Every rank
+    must take the same decision and see the same training time;
     writes ``decisions-rank<R>.json`` and the final weights."""
     cfg = smoke_config(cache, *EQUIVALENCE_OVERRIDES, "trainer.kernels=reference", "trainer.num_threads=1")
     trainer = Trainer(cfg, prepare_data(cfg.data, cfg.tokenizer), out / "run-decisions", dist)
@@ -63,12 +64,14 @@ def decisions(cache: Path, out: Path, rank: int, dist) -> None:
         return value * float("nan") if rank == 0 and trainer.progress.step == 2 else value
 
     trainer.engine.forward, trainer.engine.loss = failing_forward, failing_loss
+    trainer._clock_origin -= 30.0 * rank  # rank 1's clock 30 s ahead: the time budget must still agree
     seen = []
     for indices in trainer.sampler.batches(0)[:5]:
         trainer.stop_signal = 15 if rank == 1 and trainer.progress.step == 3 else None
         result = trainer.train_step(trainer._batch(halves(indices, dist.world_size, rank)))
         seen.append({"skipped": result.skipped, "stop": result.stop, "tokens": result.tokens,
-                     "loss": None if result.skipped else round(result.loss, 6)})
+                     "loss": None if result.skipped else round(result.loss, 6),
+                     "wall": round(result.wall_seconds, 3)})
         trainer.progress.step += 1
     (out / f"decisions-rank{rank}.json").write_text(json.dumps(seen))
     torch.save(trainer.model.state_dict(), out / f"decisions-rank{rank}.pt")

@@ -141,8 +141,9 @@ def test_two_ranks_with_half_batches_equal_one_process_with_whole_batches(prepar
 
 
 def test_trouble_on_one_rank_is_decided_alike_on_every_rank(prepared, tmp_path):
-    """An out-of-memory batch on rank 1, a non-finite loss on rank 0, a signal to rank 1: every
-    rank skips the same updates and stops at the same one, and the weights stay identical."""
+    """An out-of-memory batch on rank 1, a non-finite loss on rank 0, a signal to rank 1, clocks
+    that disagree: every rank skips the same updates, stops at the same one and sees the same
+    training time (what trainer.max_minutes reads), and the weights stay identical."""
     import json
 
     cache, _ = prepared
@@ -154,6 +155,7 @@ def test_trouble_on_one_rank_is_decided_alike_on_every_rank(prepared, tmp_path):
     assert [s["skipped"] for s in seen[0]] == [None, "out of memory", "non-finite", None, None]
     assert [s["stop"] for s in seen[0]] == [False, False, False, True, False]
     assert all(s["tokens"] > 0 for s in seen[0])
+    assert all(s["wall"] >= 15.0 for s in seen[0])  # the mean of the two clocks, one of them 30 s ahead
     weights = [torch.load(tmp_path / f"decisions-rank{r}.pt") for r in range(2)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert all(torch.isfinite(v).all() for v in weights[0].values())

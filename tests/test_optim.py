@@ -249,3 +249,69 @@ def test_the_cosine_schedule_spans_the_trainers_budget(prepared, tmp_path):
     trainer.fit()
     assert trainer.progress.step == trainer.total_steps()
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0001)
+
+
+def test_cosine_with_a_time_budget_follows_the_share_spent_or_the_updates_whichever_is_further():
+    from seq2seq.training.optim import CosineSchedule
+
+    opt = Adam([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    by_time = CosineSchedule(opt, warmup=2, total=None, floor=0.0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # warmup counts updates, whatever the clock
+    by_time.after_update(time_spent=0.9)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0)
+    for share, lr in ((0.0, 1.0), (0.5, 0.5), (1.0, 0.0), (3.0, 0.0)):
+        by_time.after_update(time_spent=share)
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr, abs=1e-12)
+    opt = Adam([torch.nn.Parameter(torch.zeros(2))], lr=1.0)  # the schedule's base lr is the optimizer's
+    both = CosineSchedule(opt, warmup=0, total=10, floor=0.1)
+    for _ in range(5):
+        both.after_update(time_spent=0.1)  # the updates are further along: half-way
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 + 0.9 * 0.5)
+    both.after_update(time_spent=1.0)  # the clock ran out first
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    # resumes where it was, and reads a cosine's state from before time budgets
+    state = both.state_dict()
+    again = CosineSchedule(opt, warmup=0, total=10, floor=0.1)
+    again.load_state_dict(state)
+    assert again.time_spent == 1.0 and opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    again.load_state_dict({"base_lrs": [1.0], "last_epoch": 5})
+    assert again.time_spent == 0.0 and opt.param_groups[0]["lr"] == pytest.approx(0.55)
+
+
+class _Clock:
+    """A perf_counter that moves one second per reading: the trainer's time budget without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_a_time_budget_ends_training_validates_and_resumes_with_the_time_spent(prepared, tmp_path, monkeypatch):
+    from conftest import smoke_config
+
+    from seq2seq.training import trainer as trainer_module
+    from seq2seq.training.trainer import Trainer
+
+    monkeypatch.setattr(trainer_module, "time", _Clock())
+    cache, data = prepared
+    common = ("trainer.max_steps=null", "trainer.max_epochs=null", "optim.scheduler=cosine", "optim.warmup_steps=0",
+              "optim.lr=0.01", "optim.min_lr=0.0001", "trainer.valid_every=1000", "trainer.evaluate_at_end=false")
+    cfg = smoke_config(cache, *common, "trainer.max_minutes=0.5")
+    trainer = Trainer(cfg, data, tmp_path / "run")
+    assert trainer.total_steps() is None
+    p = trainer.fit()
+    assert p.finished and 30.0 <= p.wall_seconds < 40.0 and 3 <= p.step < 30
+    assert p.validations[-1][0] == p.step  # the final state is validated
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0001)  # the cosine ended with the time
+    first = p.step
+
+    longer = smoke_config(cache, *common, "trainer.max_minutes=1")
+    resumed = Trainer(longer, data, tmp_path / "run")
+    resumed.restore()
+    assert resumed.progress.wall_seconds == pytest.approx(p.wall_seconds)
+    q = resumed.fit()
+    # it went on from the time already spent, not from zero: about as many updates again
+    assert q.finished and 60.0 <= q.wall_seconds < 70.0 and first < q.step < 3 * first

@@ -187,6 +187,8 @@ def test_scheduled_sampling_trains(prepared, tmp_path: Path) -> None:
     ("optim.lr=nan", "optim.lr"), ("optim.lr=-1", "optim.lr"), ("trainer.max_tokens=0", "trainer.max_tokens"),
     ("trainer.teacher_forcing=1.5", "trainer.teacher_forcing"), ("trainer.label_smoothing=1.0", "trainer.label_smoothing"),
     ("search.beam_size=0", "search.beam_size"), ("trainer.max_steps=-5", "trainer.max_steps"),
+    ("trainer.max_minutes=0", "trainer.max_minutes"), ("trainer.max_minutes=-2", "trainer.max_minutes"),
+    ("trainer.max_minutes=nan", "trainer.max_minutes"), ("trainer.max_minutes=inf", "trainer.max_minutes"),
 ])
 def test_bad_trainer_values_name_the_key(prepared, override: str, key: str) -> None:
     cache, _ = prepared

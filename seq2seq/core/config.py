@@ -208,7 +208,8 @@ class OptimConfig:
     plateau_factor: float = 0.5  # plateau: lr multiplier after `plateau_patience` bad validations
     plateau_patience: int = 2
     # warmup_decay: linear warmup, then inverse square root decay; cosine: linear warmup, then a
-    # cosine from lr down to min_lr at the end of the budget (trainer.max_steps, or max_epochs)
+    # cosine from lr down to min_lr at the end of the budget (trainer.max_steps, max_epochs or
+    # max_minutes, whichever is spent first)
     warmup_steps: int = 1000
     min_lr: float = 1e-5
 
@@ -217,6 +218,10 @@ class OptimConfig:
 class TrainerConfig:
     max_steps: int | None = None
     max_epochs: int | None = 20
+    # A budget in wall-clock minutes of training (validations included, summed over resumes):
+    # training stops at the first update past it, and the cosine schedule decays over it. Unlike
+    # steps and epochs it depends on the machine, so two runs of it need not stop at the same step.
+    max_minutes: float | None = None
     device: Device = Device.auto
     kernels: Kernels = Kernels.auto
     precision: Precision = Precision.auto

@@ -41,7 +41,8 @@ class StepSchedule:
         self.last_epoch = 0  # torch's name for the number of schedule steps taken
         _set_lr(optimizer, self.base_lr * factor(0))
 
-    def after_update(self) -> None:
+    def after_update(self, time_spent: float = 0.0) -> None:
+        """After each update; ``time_spent``, the share of a time budget used, only the cosine reads."""
         self.last_epoch += 1
         _set_lr(self.optimizer, self.base_lr * self.factor(self.last_epoch))
 
@@ -73,7 +74,7 @@ class PlateauSchedule:
         self.num_bad_epochs = 0
         self.last_epoch = 0
 
-    def after_update(self) -> None:
+    def after_update(self, time_spent: float = 0.0) -> None:
         pass
 
     def after_validation(self, metric: float) -> None:
@@ -98,7 +99,9 @@ class PlateauSchedule:
         self.last_epoch = int(payload["last_epoch"])
 
 
-Schedule = StepSchedule | PlateauSchedule
+
+
+Schedule = StepSchedule | PlateauSchedule  # CosineSchedule is a StepSchedule
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, fast: bool) -> Optimizer:
@@ -148,7 +151,8 @@ def load_optimizer_state(optimizer: Optimizer, payload: dict[str, Any]) -> None:
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: Optimizer, total_steps: int | None = None) -> Schedule:
-    """The schedule ``cfg.optim.scheduler`` names; ``cosine`` ends at ``total_steps`` (the budget)."""
+    """The schedule ``cfg.optim.scheduler`` names; ``cosine`` ends at ``total_steps`` (the budget in
+    updates) or, with ``trainer.max_minutes``, at the end of the time budget, whichever comes first."""
     o = cfg.optim
     if o.scheduler == SchedulerName.plateau:  # stepped with the validation BLEU
         return PlateauSchedule(optimizer, factor=o.plateau_factor, patience=o.plateau_patience, min_lr=o.min_lr)
@@ -161,10 +165,15 @@ def build_scheduler(cfg: TrainConfig, optimizer: Optimizer, total_steps: int | N
 
         return StepSchedule(optimizer, warmup_then_inverse_sqrt)
     if o.scheduler == SchedulerName.cosine:
-        if total_steps is None:
-            raise ValueError("the cosine schedule needs the number of updates it spans")
-        return StepSchedule(optimizer, cosine_factor(o.warmup_steps, total_steps, o.min_lr / o.lr))
+        if total_steps is None and cfg.trainer.max_minutes is None:
+            raise ValueError("the cosine schedule needs a budget: a number of updates or trainer.max_minutes")
+        return CosineSchedule(optimizer, o.warmup_steps, total_steps, o.min_lr / o.lr)
     return StepSchedule(optimizer, lambda _: 1.0)
+
+
+def _half_cosine(progress: float, floor: float) -> float:
+    """From 1 at progress 0 down to ``floor`` at progress 1 (and after it)."""
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def cosine_factor(warmup: int, total: int, floor: float) -> Callable[[int], float]:
@@ -176,7 +185,38 @@ def cosine_factor(warmup: int, total: int, floor: float) -> Callable[[int], floa
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return _half_cosine((step - warmup) / max(1, total - warmup), floor)
 
     return factor
+
+
+class CosineSchedule(StepSchedule):
+    """``cosine_factor`` over the budget, which may be a number of updates (``total``), a time
+    budget (the share of it spent, given to ``after_update``), or both: the cosine follows
+    whichever is further along, so it reaches ``floor`` when the first budget runs out. The
+    warmup counts updates; after it the time share is taken as it stands (not from the warmup's
+    end), which is what lets the decay keep pace with a clock that does not wait for updates."""
+
+    def __init__(self, optimizer: Optimizer, warmup: int, total: int | None, floor: float) -> None:
+        self.by_steps = None if total is None else cosine_factor(warmup, total, floor)
+        self.warmup = max(0, warmup if total is None else min(warmup, total - 1))
+        self.floor = floor
+        self.time_spent = 0.0  # share of trainer.max_minutes spent, 0 without a time budget
+        super().__init__(optimizer, self._factor)
+
+    def _factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        by_time = _half_cosine(self.time_spent, self.floor)
+        return by_time if self.by_steps is None else min(by_time, self.by_steps(step))
+
+    def after_update(self, time_spent: float = 0.0) -> None:
+        self.time_spent = time_spent
+        super().after_update()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "time_spent": self.time_spent}
+
+    def load_state_dict(self, payload: dict[str, Any]) -> None:
+        self.time_spent = float(payload.get("time_spent", 0.0))  # absent: a checkpoint from before time budgets
+        super().load_state_dict(payload)

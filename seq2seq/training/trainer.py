@@ -84,8 +84,11 @@ def check_trainer_config(cfg: TrainConfig) -> None:
                        ("trainer.save_every", t.save_every)):
         if value is not None and value < 1:
             raise ConfigError(f"{key} must be a positive integer or null (got {value})")
-    if t.max_steps is None and t.max_epochs is None:
-        raise ConfigError("set trainer.max_steps or trainer.max_epochs; with neither, training never ends")
+    if t.max_minutes is not None and not (math.isfinite(t.max_minutes) and t.max_minutes > 0):
+        raise ConfigError(f"trainer.max_minutes must be a positive number of minutes or null (got {t.max_minutes})")
+    if t.max_steps is None and t.max_epochs is None and t.max_minutes is None:
+        raise ConfigError("set trainer.max_steps, trainer.max_epochs or trainer.max_minutes; with none of them, "
+                          "training never ends")
     autocast_dtype(t.precision, resolve_device(t.device))  # bf16 on a CPU that cannot: refused now
     if not (math.isfinite(o.lr) and o.lr > 0):
         raise ConfigError(f"optim.lr must be a positive number (got {o.lr})")
@@ -136,7 +139,8 @@ class Progress:
     consecutive_skipped: int = 0
     oom_steps: int = 0
     consecutive_oom: int = 0
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # in updates, the time tokens/s is measured over
+    wall_seconds: float = 0.0  # of the training loop, validations included: what trainer.max_minutes counts
     train_tokens: int = 0  # target tokens over all ranks
     finished: bool = False
     world_size: int = 1  # ranks that trained: batch_in_epoch counts updates of that many batches
@@ -170,6 +174,7 @@ class StepResult:
     skipped: str | None = None  # SKIPPED_NONFINITE or SKIPPED_OOM
     tokens: int = 0  # target tokens of the update, over all ranks
     stop: bool = False  # a signal reached a rank: save and stop after this update
+    wall_seconds: float = 0.0  # the run's training time when the update ended (with several ranks, their mean)
 
 
 class Trainer:
@@ -218,6 +223,7 @@ class Trainer:
                         "data.max_len", cfg.trainer.max_tokens, over, longest)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps())
         self.progress = Progress(world_size=world)
+        self._clock_origin = time.perf_counter()  # wall_seconds = now - origin; _fit moves it on resume
         self.num_parameters = count_parameters(self.model)
         log.info("model %s: %s parameters; %d training pairs in %d batches per epoch (%.1f%% padding)",
                  self.model.description, f"{self.num_parameters:,}", len(self.train_src),
@@ -380,32 +386,41 @@ class Trainer:
                 torch.cuda.empty_cache()
         tokens, stop = batch.num_tgt_tokens, self.stop_signal is not None
         loss_value = math.nan if out_of_memory else float(loss.detach())
-        if self.dist.distributed:
-            loss_value, tokens, out_of_memory, stop = self._average_gradients(loss_value, tokens, out_of_memory, stop)
+        wall = time.perf_counter() - self._clock_origin
+        if self.dist.distributed:  # the ranks' clocks differ a little; the time budget must end on one update
+            loss_value, tokens, out_of_memory, stop, wall = self._average_gradients(loss_value, tokens,
+                                                                                   out_of_memory, stop, wall)
         if out_of_memory:
             self.optimizer.zero_grad(set_to_none=True)
-            return StepResult(skipped=SKIPPED_OOM, tokens=tokens, stop=stop)
+            return StepResult(skipped=SKIPPED_OOM, tokens=tokens, stop=stop, wall_seconds=wall)
         max_norm = self.cfg.optim.clip_norm
         grad_norm = gradient_norm_of(self.optimizer, self.params, max_norm)
         norm_value = float(grad_norm)
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.optimizer.zero_grad(set_to_none=True)
-            return StepResult(loss_value, norm_value, skipped=SKIPPED_NONFINITE, tokens=tokens, stop=stop)
+            return StepResult(loss_value, norm_value, skipped=SKIPPED_NONFINITE, tokens=tokens, stop=stop,
+                              wall_seconds=wall)
         update(self.optimizer, grad_norm, max_norm)
-        self.scheduler.after_update()
-        return StepResult(loss_value, norm_value, tokens=tokens, stop=stop)
+        self.scheduler.after_update(self.time_spent(wall))
+        return StepResult(loss_value, norm_value, tokens=tokens, stop=stop, wall_seconds=wall)
 
-    def _average_gradients(self, loss: float, tokens: int, out_of_memory: bool,
-                           stop: bool) -> tuple[float, int, bool, bool]:
+    def time_spent(self, wall_seconds: float) -> float:
+        """The share of trainer.max_minutes spent after ``wall_seconds`` of training; 0 without it."""
+        minutes = self.cfg.trainer.max_minutes
+        return 0.0 if minutes is None else wall_seconds / (60.0 * minutes)
+
+    def _average_gradients(self, loss: float, tokens: int, out_of_memory: bool, stop: bool,
+                           wall: float) -> tuple[float, int, bool, bool, float]:
         """One all-reduce over the ranks: each rank's gradient weighted by its target tokens, so
         the result is the gradient of the mean loss over every rank's tokens (what one process
         given all the batches would compute), plus what every rank must decide alike: the loss,
-        the token count, whether any rank ran out of memory, whether a signal reached any rank.
+        the token count, whether any rank ran out of memory, whether a signal reached any rank,
+        the training time (the ranks' mean, so the time budget and the schedule agree on all).
         A non-finite gradient anywhere makes the sum non-finite on every rank, so all skip."""
         sizes = [p.numel() for p in self.params]
         total = sum(sizes)
         if self._flat is None:
-            self._flat = torch.empty(total + 4, dtype=torch.float32, device=self.device)
+            self._flat = torch.empty(total + 5, dtype=torch.float32, device=self.device)
         flat, offset = self._flat, 0
         for p, n in zip(self.params, sizes):
             view = flat[offset:offset + n]
@@ -415,7 +430,8 @@ class Trainer:
                 view.copy_(p.grad.reshape(-1)).mul_(tokens)
             offset += n
         weighted_loss = 0.0 if out_of_memory else loss * tokens
-        flat[total:] = torch.tensor([tokens, weighted_loss, float(out_of_memory), float(stop)], dtype=torch.float32)
+        flat[total:] = torch.tensor([tokens, weighted_loss, float(out_of_memory), float(stop),
+                                     wall / self.dist.world_size], dtype=torch.float32)
         self.dist.all_reduce_sum(flat, f"update {self.progress.step + 1}")
         head = flat[total:].tolist()
         all_tokens, any_oom, any_stop = int(round(head[0])), head[2] > 0, head[3] > 0
@@ -427,7 +443,7 @@ class Trainer:
                     p.grad = torch.empty_like(p)
                 p.grad.copy_(flat[offset:offset + n].view_as(p))
                 offset += n
-        return head[1] / all_tokens, all_tokens, any_oom, any_stop
+        return head[1] / all_tokens, all_tokens, any_oom, any_stop, head[4]
 
     # ------------------------------------------------------------------ validation
 
@@ -481,16 +497,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def total_steps(self) -> int:
-        """The updates the budget allows: trainer.max_steps, or max_epochs' worth (whichever ends first)."""
+    def total_steps(self) -> int | None:
+        """The updates the budget allows: trainer.max_steps, or max_epochs' worth (whichever ends
+        first); None when only trainer.max_minutes bounds the run."""
         t = self.cfg.trainer
         by_epochs = None if t.max_epochs is None else t.max_epochs * self.batches_per_epoch
-        return min(x for x in (t.max_steps, by_epochs) if x is not None)  # one is set (check_trainer_config)
+        bounds = [x for x in (t.max_steps, by_epochs) if x is not None]
+        return min(bounds) if bounds else None
+
+    def time_budget_spent(self) -> bool:
+        minutes = self.cfg.trainer.max_minutes
+        return minutes is not None and self.progress.wall_seconds >= 60.0 * minutes
 
     def budget_spent(self) -> bool:
         p, t = self.progress, self.cfg.trainer
         return (t.max_steps is not None and p.step >= t.max_steps) or (
-            t.max_epochs is not None and p.epoch >= t.max_epochs)
+            t.max_epochs is not None and p.epoch >= t.max_epochs) or self.time_budget_spent()
 
     def early_stopped(self) -> bool:
         patience = self.cfg.trainer.patience
@@ -601,6 +623,7 @@ class Trainer:
                    unit="step", dynamic_ncols=True)
         save_every = cfg.trainer.save_every
         window_start = time.perf_counter()
+        self._clock_origin = window_start - p.wall_seconds  # a resumed run's time budget goes on
 
         def validate_now(window_start: float) -> tuple[bool, float]:
             """Validate; whether to stop early, and the log window's start moved by the
@@ -622,6 +645,7 @@ class Trainer:
                         p.step += 1
                         tokens = result.tokens
                         p.train_seconds += time.perf_counter() - step_start
+                        p.wall_seconds = result.wall_seconds
                         p.train_tokens += tokens
                         bar.update(1)
                         if result.skipped:
@@ -660,6 +684,9 @@ class Trainer:
                     self._after_validation(self.validate(tracker))
             if stop:
                 log.info("early stopping: no better valid BLEU in %d validations", cfg.trainer.patience)
+            elif self.time_budget_spent() and primary:
+                log.info("time budget spent: trainer.max_minutes=%g reached at step %d (epoch %d, batch %d)",
+                         cfg.trainer.max_minutes, p.step, p.epoch, p.batch_in_epoch)
             p.finished = True
             self.save()
         finally:
