@@ -146,6 +146,31 @@ def test_combinations_that_make_no_sense_are_refused_in_one_line(attention, frag
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
+def test_search_row_operations_keep_per_head_memory_head_major():
+    """select (beam expansion, compaction), widen, cat and put (refills) give the same numbers as
+    on plain tensors and keep the head-major storage, so search steps read it without copies."""
+    from seq2seq.model.attention import head_major
+
+    g = torch.Generator().manual_seed(0)
+    memory = AttentionMemory(head_major(torch.randn(3, 5, 8, generator=g), 4),
+                             head_major(torch.randn(3, 5, 12, generator=g), 4), torch.ones(3, 5, dtype=torch.bool))
+
+    def head_major_storage(m: AttentionMemory) -> bool:
+        return all(t.transpose(1, 2).is_contiguous() for t in m[:2])
+
+    picked = memory.select(torch.tensor([2, 0, 0, 1]))
+    wide = memory.widen(7)
+    joined = AttentionMemory.cat([memory, picked], 7)
+    refilled = memory.widen(7).put(torch.tensor([1]), picked.rows(0, 1))  # in place
+    assert all(map(head_major_storage, (picked, wide, joined, refilled)))
+    for i in range(2):
+        plain = memory[i].contiguous()
+        assert torch.equal(picked[i], plain[[2, 0, 0, 1]])
+        assert torch.equal(wide[i][:, :5], plain) and not wide[i][:, 5:].any()
+        assert torch.equal(joined[i][:3, :5], plain) and torch.equal(joined[i][3:, :5], plain[[2, 0, 0, 1]])
+        assert torch.equal(refilled[i][1, :5], plain[2]) and torch.equal(refilled[i][0, :5], plain[0])
+
+
 def test_heads_1_keeps_the_state_dict_layout():
     """A checkpoint of a one-head model from before the switch loads unchanged."""
     model = build_model(lab_config(type=AttentionType.bahdanau), 20, 20, 0)

@@ -35,8 +35,8 @@ class AttentionMemory(NamedTuple):
     # What search does with rows of memories (seq2seq/search/continuous.py).
 
     def select(self, index: torch.Tensor) -> AttentionMemory:
-        """Rows ``index`` of the batch (search compacts with this)."""
-        return AttentionMemory(*(t.index_select(0, index) for t in self))
+        """Rows ``index`` of the batch (search compacts with this), head-major tensors kept so."""
+        return AttentionMemory(*(_batch_first(_batch_first(t).index_select(0, index)) for t in self))
 
     @property
     def width(self) -> int:
@@ -57,7 +57,8 @@ class AttentionMemory(NamedTuple):
     def cat(memories: list[AttentionMemory], width: int) -> AttentionMemory:
         """The memories' rows as one fresh memory over ``width`` source positions."""
         memories = [m.widen(width) for m in memories]
-        return AttentionMemory(*(torch.cat([m[i] for m in memories]) for i in range(len(AttentionMemory._fields))))
+        return AttentionMemory(*(_batch_first(torch.cat([_batch_first(m[i]) for m in memories]))
+                                 for i in range(len(AttentionMemory._fields))))
 
     def put(self, rows: torch.Tensor, src: AttentionMemory) -> AttentionMemory:
         """This memory, widened to ``src``'s width if narrower, with rows ``rows`` overwritten by
@@ -69,8 +70,20 @@ class AttentionMemory(NamedTuple):
 
 
 def pad_sources(t: torch.Tensor, width: int) -> torch.Tensor:
-    """``t`` (rows, S, ...) with zeros appended along the source axis up to ``width`` positions."""
+    """``t`` (rows, S, ...) with zeros appended along the source axis up to ``width`` positions
+    (a head-major tensor stays head-major)."""
+    if t.dim() == 4:
+        heads = _batch_first(t)  # (B, H, S, d)
+        padding = heads.new_zeros((heads.size(0), heads.size(1), width - heads.size(2), heads.size(3)))
+        return _batch_first(torch.cat([heads, padding], dim=2))
     return torch.cat([t, t.new_zeros((t.size(0), width - t.size(1), *t.shape[2:]))], dim=1)
+
+
+def _batch_first(t: torch.Tensor) -> torch.Tensor:
+    """A per-head memory tensor (B, S, H, d), stored head-major, as the contiguous (B, H, S, d)
+    it is a view of, and back (the transpose is its own inverse); other tensors as they are.
+    Search's row operations go through it, so their results keep the layout ``head_major`` chose."""
+    return t.transpose(1, 2) if t.dim() == 4 else t
 
 
 class AttentionResult(NamedTuple):
