@@ -174,8 +174,10 @@ def run_training(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None) -> T
         "epochs": progress.epoch,
         "best_step": progress.best_step,
         "best_valid_bleu": progress.best_bleu,
-        "train_seconds": progress.train_seconds,
+        "train_seconds": progress.train_seconds,  # in updates
         "train_tokens_per_s": progress.train_tokens / max(progress.train_seconds, 1e-9),
+        "wall_seconds": progress.wall_seconds,  # the training loop, validations included (trainer.max_minutes)
+        "ended_by": trainer.ended_by(),
         "ranks": dist.world_size,
         # per rank, training only (the data preparation before it and the evaluation after it excluded)
         "peak_rss_mb": [p.rss_mb for p in peaks],

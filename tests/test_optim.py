@@ -247,7 +247,7 @@ def test_the_cosine_schedule_spans_the_trainers_budget(prepared, tmp_path):
     trainer = Trainer(cfg, data, tmp_path / "run")
     assert trainer.total_steps() == 2 * trainer.batches_per_epoch
     trainer.fit()
-    assert trainer.progress.step == trainer.total_steps()
+    assert trainer.progress.step == trainer.total_steps() and trainer.ended_by() == "trainer.max_epochs"
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0001)
 
 
@@ -306,6 +306,7 @@ def test_a_time_budget_ends_training_validates_and_resumes_with_the_time_spent(p
     assert p.finished and 30.0 <= p.wall_seconds < 40.0 and 3 <= p.step < 30
     assert p.validations[-1][0] == p.step  # the final state is validated
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0001)  # the cosine ended with the time
+    assert trainer.ended_by() == "trainer.max_minutes"
     first = p.step
 
     longer = smoke_config(cache, *common, "trainer.max_minutes=1")

@@ -326,6 +326,7 @@ def test_both_engines_train_evaluate_and_translate_alike(tmp_path, cache_dir):
         assert {"encoder", "decoder", "search"} <= summary["engine"].keys()
         # what the speeds were measured on, beside them
         assert (summary["device"], summary["precision"]) == ("cpu", "float32") and summary["threads"] >= 1
+        assert summary["ended_by"] == "trainer.max_steps" and summary["wall_seconds"] > summary["train_seconds"] > 0
         assert f"engine {kernels}:" in (run / "train.log").read_text(encoding="utf-8")
     fast, reference = (_train_losses(runs[k]) for k in ("fast", "reference"))
     assert len(fast) == len(reference) == 10

@@ -514,6 +514,19 @@ class Trainer:
         return (t.max_steps is not None and p.step >= t.max_steps) or (
             t.max_epochs is not None and p.epoch >= t.max_epochs) or self.time_budget_spent()
 
+    def ended_by(self) -> str | None:
+        """The config key that ended a finished run (early stopping, or the budget spent first); None
+        while it can go on."""
+        p, t = self.progress, self.cfg.trainer
+        if self.early_stopped():
+            return "trainer.patience"
+        for key, spent in (("trainer.max_steps", t.max_steps is not None and p.step >= t.max_steps),
+                           ("trainer.max_epochs", t.max_epochs is not None and p.epoch >= t.max_epochs),
+                           ("trainer.max_minutes", self.time_budget_spent())):
+            if spent:
+                return key
+        return None
+
     def early_stopped(self) -> bool:
         patience = self.cfg.trainer.patience
         return patience > 0 and self.progress.bad_validations >= patience
