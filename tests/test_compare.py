@@ -309,6 +309,18 @@ def test_label_lists_other_differing_keys_but_not_seed_or_name(tmp_path):
     assert c.baseline == "bahdanau optim.lr=0.001"  # no `none` config: the first one
 
 
+def test_a_key_added_since_a_run_was_made_takes_its_default_and_does_not_split_the_runs(tmp_path):
+    """A run from before trainer.max_minutes existed lacks the key; a newer one has its default
+    (null). They did the same, so they group together; a set value still sets its run apart."""
+    root = tmp_path / "sweep"
+    make_run(root, "0", seed=1)
+    make_run(root, "1", seed=2, extra={"trainer": {"max_minutes": None}})
+    make_run(root, "2", seed=3, extra={"trainer": {"max_minutes": 9}})
+    c = build_comparison([root], n_boot=0)
+    assert [(g.label, len(g.runs)) for g in c.groups] == [("bahdanau trainer.max_minutes=None", 2),
+                                                          ("bahdanau trainer.max_minutes=9", 1)]
+
+
 def test_lab_variants_are_labelled_by_their_model_names_alone(tmp_path):
     """An attention_zoo-like sweep: the switches the model name shows (heads, normalizer, local
     mode and window, coverage, position bias, decoder self-attention) do not also appear as

@@ -3,6 +3,7 @@ newest evaluation report, and the data types of a comparison (see ``seq2seq/eval
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -103,13 +104,25 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@functools.cache
+def _default_config() -> dict[str, Any]:
+    """Today's TrainConfig defaults, flattened (interpolations left as text)."""
+    from seq2seq.core.config import TrainConfig
+
+    return _flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=False))
+
+
 def _load_config(run_dir: Path) -> dict[str, Any]:
+    """The run's flattened config. A key it lacks (added to the config since the run was made)
+    takes today's default, which is what the run did: without it, a new key would set every
+    older run apart from the newer ones in the comparison (``trainer.max_minutes=<unset>``)."""
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     try:
         data = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # an interpolation that cannot resolve here (an env var): keep it as text
         data = OmegaConf.to_container(cfg, resolve=False)
-    return _flatten(data if isinstance(data, dict) else {})
+    flat = _flatten(data if isinstance(data, dict) else {})
+    return {**_default_config(), **flat}
 
 
 def describe(cfg: dict[str, Any]) -> str:
