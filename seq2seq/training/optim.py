@@ -100,7 +100,6 @@ class PlateauSchedule:
 
 
 
-
 Schedule = StepSchedule | PlateauSchedule  # CosineSchedule is a StepSchedule
 
 
