@@ -357,6 +357,16 @@ def test_bad_eval_keys_are_refused_before_any_work(command, override, key, tmp_p
     assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "ten"])
+def test_a_bad_time_budget_is_refused_before_any_work(value, tmp_path):
+    """trainer.max_minutes as a user mistypes it: one line naming the key, no data prepared and no
+    run directory left behind (a budget that could never end, or end at once, is not a budget)."""
+    one_line_error(run_cli("seq2seq-train", ["experiment=smoke", f"trainer.max_minutes={value}"], tmp_path,
+                           tmp_path / "fresh-cache"), "trainer.max_minutes")
+    assert not (tmp_path / "fresh-cache").exists()
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_bf16_on_a_cpu_that_cannot_is_refused_before_any_work(tmp_path, cache_dir):
     """Forced bf16 on a CPU whose oneDNN has no bf16 LSTM: one line naming the key, no data
     prepared. Where the CPU can, the same config passes the checks."""

@@ -175,29 +175,18 @@ def _half_cosine(progress: float, floor: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def cosine_factor(warmup: int, total: int, floor: float) -> Callable[[int], float]:
-    """lr multiplier after ``step`` updates: linear warmup over ``warmup`` updates, then half a
-    cosine from 1 down to ``floor`` at update ``total`` (and ``floor`` after it). Decaying to the
-    end of a fixed budget is what a short run needs (Li et al. 2020, budgeted training)."""
-    warmup = max(0, min(warmup, total - 1))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return _half_cosine((step - warmup) / max(1, total - warmup), floor)
-
-    return factor
-
-
 class CosineSchedule(StepSchedule):
-    """``cosine_factor`` over the budget, which may be a number of updates (``total``), a time
-    budget (the share of it spent, given to ``after_update``), or both: the cosine follows
-    whichever is further along, so it reaches ``floor`` when the first budget runs out. The
-    warmup counts updates; after it the time share is taken as it stands (not from the warmup's
-    end), which is what lets the decay keep pace with a clock that does not wait for updates."""
+    """Linear warmup over ``warmup`` updates, then half a cosine from 1 down to ``floor`` at the end
+    of the budget (and ``floor`` after it). Decaying to the end of a fixed budget is what a short
+    run needs (Li et al. 2020, budgeted training). The budget may be a number of updates
+    (``total``), a time budget (the share of it spent, given to ``after_update``), or both: the
+    cosine follows whichever is further along, so it reaches ``floor`` when the first budget runs
+    out. The warmup counts updates; after it the time share is taken as it stands (not from the
+    warmup's end), which is what lets the decay keep pace with a clock that does not wait for
+    updates."""
 
     def __init__(self, optimizer: Optimizer, warmup: int, total: int | None, floor: float) -> None:
-        self.by_steps = None if total is None else cosine_factor(warmup, total, floor)
+        self.total = total
         self.warmup = max(0, warmup if total is None else min(warmup, total - 1))
         self.floor = floor
         self.time_spent = 0.0  # share of trainer.max_minutes spent, 0 without a time budget
@@ -206,8 +195,10 @@ class CosineSchedule(StepSchedule):
     def _factor(self, step: int) -> float:
         if step < self.warmup:
             return (step + 1) / self.warmup
-        by_time = _half_cosine(self.time_spent, self.floor)
-        return by_time if self.by_steps is None else min(by_time, self.by_steps(step))
+        progress = self.time_spent
+        if self.total is not None:
+            progress = max(progress, (step - self.warmup) / max(1, self.total - self.warmup))
+        return _half_cosine(progress, self.floor)
 
     def after_update(self, time_spent: float = 0.0) -> None:
         self.time_spent = time_spent
