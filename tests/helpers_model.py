@@ -184,8 +184,8 @@ def reference_logits(model: Seq2Seq, batch: Batch) -> torch.Tensor:
         if not dec.context_before_rnn:
             context, weights = dec.attention(out, memory, positions,
                                              None if coverage is None else coverage.unsqueeze(1))
-        if coverage is not None:  # the attention so far, for the next step's scores
-            coverage = coverage + weights.squeeze(1)
+        if coverage is not None:  # the attention so far, for the next step's scores (a constant to backprop)
+            coverage = coverage + weights.squeeze(1).detach()
         h_tilde = torch.tanh(dec.combine(torch.cat([out, context], dim=-1))).squeeze(1)
         feed = h_tilde
         logits.append(model.output_layer(h_tilde))

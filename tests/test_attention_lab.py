@@ -325,6 +325,27 @@ def test_the_coverage_vector_is_the_attention_so_far_and_changes_the_scores():
         assert (with_cov - without).abs().max() > 1e-3
 
 
+def test_no_gradient_flows_back_through_the_coverage_vector():
+    """A step's scores read the coverage vector as a constant: the loss of step 2 reaches the
+    encoder only through step 2's own attention, not again through steps 0 and 1's weights summed
+    into its coverage (that path compounds over long targets; see Decoder.step)."""
+    from helpers_model import make_batch
+
+    model = make_model("bahdanau-cov", scale=2.0)
+    batch = make_batch([[4, 5, 6, 7], [8, 9]], [[4, 5, 6], [7]])
+    encoded = model.encode(batch.src, batch.src_lengths, batch.src_mask)
+    state, weights = encoded.state, []
+    for t in range(3):
+        out = model.decode_step(batch.tgt_in[:, t], state, encoded.memory)
+        weights.append(out.attention)
+        state = out.state
+    assert not state.coverage.requires_grad
+    torch.testing.assert_close(state.coverage, sum(w.detach() for w in weights))
+    assert weights[2].requires_grad  # the weights themselves still train (the coverage loss reads them)
+    earlier = torch.autograd.grad(weights[2].sum() + out.logits.sum(), weights[:2], allow_unused=True)
+    assert all(g is None for g in earlier)
+
+
 def test_the_coverage_penalty_counts_attention_paid_again():
     from seq2seq.model.losses import coverage_penalty
 

@@ -204,7 +204,12 @@ class Decoder(nn.Module):
             context, weights = self.attend(out, memory, state.step, state.coverage)  # from the current state
         h_tilde = self.attentional(out, context)
         step = None if state.step is None else state.step + 1
-        coverage = None if state.coverage is None else state.coverage + weights.float()
+        # The coverage vector enters later scores as a constant: back-propagating through it chains
+        # every step's attention to all earlier ones, a path with no gate that compounds over the
+        # target length. On the synthetic corpus's long sentences it drove the gradient norm to
+        # hundreds within 1,000 updates (clipping then starved every other update) and the model
+        # never learned; the coverage loss still trains the attention through the weights.
+        coverage = None if state.coverage is None else state.coverage + weights.detach().float()
         return h_tilde, DecoderState(hidden, cell, h_tilde, step, coverage, history), weights
 
     def forward_parallel(self, tgt_in: torch.Tensor, state: DecoderState, memory: AttentionMemory) -> DecoderOutput:
