@@ -387,6 +387,36 @@ def test_a_bad_coverage_loss_is_refused(value, fragment):
         check_trainer_config(smoke_config(Path("/tmp"), f"trainer.coverage_loss={value}"))
     with pytest.raises(ConfigError, match="model/attention=none has none"):
         check_trainer_config(smoke_config(Path("/tmp"), "model/attention=none", "trainer.coverage_loss=1"))
+    with pytest.raises(ConfigError, match=re.escape("trainer.coverage_loss_start must be 0")):
+        check_trainer_config(smoke_config(Path("/tmp"), "trainer.coverage_loss=1", "trainer.coverage_loss_start=-1"))
+
+
+def test_the_coverage_penalty_counts_from_its_start_update(prepared, tmp_path):
+    """Before trainer.coverage_loss_start the training loss is the cross-entropy alone; from that
+    update on the penalty is added."""
+    from conftest import smoke_config
+
+    from seq2seq.model.losses import coverage_penalty
+    from seq2seq.training.trainer import Trainer
+
+    cache, data = prepared
+    cfg = smoke_config(cache, "model.attention.coverage=true", "trainer.coverage_loss=0.5",
+                       "trainer.coverage_loss_start=3", "model.dropout=0")
+    trainer = Trainer(cfg, data, tmp_path / "run")
+    batch = trainer._batch(trainer.sampler.batches(0)[0])
+    with torch.no_grad():
+        out = trainer.engine.forward(batch, teacher_forcing=1.0)
+        nll = trainer.engine.loss(out, batch, cfg.trainer.label_smoothing)
+        penalty = coverage_penalty(out.attention, batch.tgt_mask)
+        assert penalty > 0
+        losses = {}
+        for step in (0, 2, 3, 10):
+            trainer.progress.step = step
+            losses[step] = trainer._loss(batch, teacher_forcing=1.0)
+    torch.testing.assert_close(losses[0], nll)
+    torch.testing.assert_close(losses[2], nll)
+    torch.testing.assert_close(losses[3], nll + 0.5 * penalty)
+    torch.testing.assert_close(losses[10], nll + 0.5 * penalty)
 
 
 # ----------------------------------------------------------------------------- relative position bias

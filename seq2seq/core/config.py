@@ -237,6 +237,10 @@ class TrainerConfig:
     valid_max_sentences: int | None = None  # cap on the sentences decoded for valid BLEU
     label_smoothing: float = 0.0
     coverage_loss: float = 0.0  # lambda of the coverage penalty sum_j min(a_tj, c_tj) (See et al. 2017)
+    # The update from which the penalty counts. See et al. added it only after the model had
+    # learned to attend; from the first update it pins the attention to a content-free spread
+    # before the model knows where to look (the zoo's coverage arm: valid BLEU 0.05 at 2,000 updates).
+    coverage_loss_start: int = 0
     teacher_forcing: float = 1.0  # probability of feeding the gold token (start value)
     teacher_forcing_schedule: TeacherForcingSchedule = TeacherForcingSchedule.constant
     teacher_forcing_min: float = 0.0  # floor for the decaying schedules

@@ -119,6 +119,9 @@ def check_trainer_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"trainer.label_smoothing must be in [0, 1) (got {t.label_smoothing})")
     if not (math.isfinite(t.coverage_loss) and t.coverage_loss >= 0):
         raise ConfigError(f"trainer.coverage_loss must be 0 (off) or a positive number (got {t.coverage_loss})")
+    if t.coverage_loss_start < 0:
+        raise ConfigError(f"trainer.coverage_loss_start must be 0 (from the first update) or a later update "
+                          f"(got {t.coverage_loss_start})")
     if t.coverage_loss > 0 and cfg.model.attention.type.value == "none":
         raise ConfigError("trainer.coverage_loss penalises attention; model/attention=none has none")
     if t.num_threads < 0:
@@ -365,7 +368,7 @@ class Trainer:
             out = self.engine.forward(batch, teacher_forcing=teacher_forcing)
             loss = self.engine.loss(out, batch, self.cfg.trainer.label_smoothing)
             weight = self.cfg.trainer.coverage_loss
-            if weight > 0 and out.attention is not None:
+            if weight > 0 and out.attention is not None and self.progress.step >= self.cfg.trainer.coverage_loss_start:
                 loss = loss + weight * coverage_penalty(out.attention, batch.tgt_mask)
             return loss
 
