@@ -357,12 +357,15 @@ def test_bad_eval_keys_are_refused_before_any_work(command, override, key, tmp_p
     assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
 
 
-@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "ten"])
-def test_a_bad_time_budget_is_refused_before_any_work(value, tmp_path):
-    """trainer.max_minutes as a user mistypes it: one line naming the key, no data prepared and no
-    run directory left behind (a budget that could never end, or end at once, is not a budget)."""
-    one_line_error(run_cli("seq2seq-train", ["experiment=smoke", f"trainer.max_minutes={value}"], tmp_path,
-                           tmp_path / "fresh-cache"), "trainer.max_minutes")
+@pytest.mark.parametrize("override", ["trainer.max_minutes=0", "trainer.max_minutes=-5", "trainer.max_minutes=nan",
+                                      "trainer.max_minutes=inf", "trainer.max_minutes=ten",
+                                      "trainer.coverage_loss_start=-1"])
+def test_a_bad_trainer_budget_is_refused_before_any_work(override, tmp_path):
+    """trainer.max_minutes or trainer.coverage_loss_start as a user mistypes them: one line naming
+    the key, no data prepared and no run directory left behind (a budget that could never end, or
+    end at once, is not a budget)."""
+    key = override.split("=")[0]
+    one_line_error(run_cli("seq2seq-train", ["experiment=smoke", override], tmp_path, tmp_path / "fresh-cache"), key)
     assert not (tmp_path / "fresh-cache").exists()
     assert not (tmp_path / "outputs").exists()
 
