@@ -80,7 +80,7 @@ def check_train_config(cfg: TrainConfig) -> None:
 
 
 def warn_unused_keys(cfg: TrainConfig) -> None:
-    """Say which set keys the chosen model does not read (they stay in the config, unused)."""
+    """Say which set keys the chosen model or training budget does not use (they stay in the config, unused)."""
     from seq2seq.core.config import AttentionConfig, AttentionType, LuongScore
 
     att, default = cfg.model.attention, AttentionConfig()
@@ -102,6 +102,21 @@ def warn_unused_keys(cfg: TrainConfig) -> None:
         family = f"{att.type.value} {att.score.value}" if scored_after else family
     for key in unused:
         log.warning("%s does not apply to %s attention and is ignored", key, family)
+    _warn_unused_coverage_start(cfg)
+
+
+def _warn_unused_coverage_start(cfg: TrainConfig) -> None:
+    """A coverage penalty start that never takes effect: no penalty, or a start past the update budget."""
+    t = cfg.trainer
+    if t.coverage_loss_start == 0:
+        return
+    if t.coverage_loss == 0:
+        log.warning("trainer.coverage_loss_start=%d has no effect: trainer.coverage_loss=0 (no coverage penalty)",
+                    t.coverage_loss_start)
+    elif t.max_steps is not None and t.coverage_loss_start >= t.max_steps:
+        log.warning("trainer.coverage_loss_start=%d is not reached within trainer.max_steps=%d: the coverage "
+                    "penalty never applies; lower the start (half the budget is usual)", t.coverage_loss_start,
+                    t.max_steps)
 
 
 def _claim_run_dir(cfg: TrainConfig, run_dir: Path) -> bool:

@@ -338,6 +338,24 @@ def test_lab_variants_are_labelled_by_their_model_names_alone(tmp_path):
                                            "local-p4-general-feed", "bahdanau-cov"]
 
 
+def test_a_baseline_is_found_by_its_model_name_when_training_keys_lengthen_its_label(tmp_path):
+    """The zoo's coverage arm sets trainer.coverage_loss, so every label carries it; --baseline
+    bahdanau still means the one plain Bahdanau config, and the default still finds `none`."""
+    root = tmp_path / "zoo"
+    make_run(root, "0", attention="none")
+    make_run(root, "1", attention="bahdanau")
+    make_run(root, "2", attention="bahdanau", extra={"model": {"attention": {"coverage": True}},
+                                                     "trainer": {"coverage_loss": 1.0}})
+    assert build_comparison([root], n_boot=0, baseline="bahdanau").baseline == "bahdanau trainer.coverage_loss=0.0"
+    assert build_comparison([root], n_boot=0).baseline == "none trainer.coverage_loss=0.0"
+    full = "bahdanau-cov trainer.coverage_loss=1.0"
+    assert build_comparison([root], n_boot=0, baseline=full).baseline == full
+    make_run(root, "3", attention="bahdanau", extra={"trainer": {"coverage_loss": 0.5}})
+    with pytest.raises(CompareError, match=r"--baseline 'bahdanau' names 2 configs; give one label in full: "
+                                           r"'bahdanau trainer.coverage_loss=0.0', 'bahdanau trainer.coverage_loss=0.5'"):
+        build_comparison([root], n_boot=0, baseline="bahdanau")
+
+
 def test_describe_matches_model_description():
     from seq2seq.core.config import AttentionConfig, AttentionType, LuongScore, ModelConfig
     from seq2seq.model.network import describe as model_describe

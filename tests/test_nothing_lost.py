@@ -154,6 +154,25 @@ def test_keys_the_model_does_not_read_are_warned_about(caplog):
     assert not caplog.records
 
 
+def test_a_coverage_penalty_start_that_never_takes_effect_is_warned_about(caplog):
+    from seq2seq.core.config import TrainerConfig
+    from seq2seq.pipeline import warn_unused_keys
+
+    def warnings(**trainer) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            warn_unused_keys(TrainConfig(trainer=TrainerConfig(**trainer)))
+        return [r.getMessage() for r in caplog.records]
+
+    assert any("coverage_loss_start=300 has no effect: trainer.coverage_loss=0" in m
+               for m in warnings(coverage_loss_start=300))
+    assert any("coverage_loss_start=2000 is not reached within trainer.max_steps=600" in m
+               for m in warnings(coverage_loss=1.0, coverage_loss_start=2000, max_steps=600))
+    assert not warnings(coverage_loss=1.0, coverage_loss_start=300, max_steps=600)
+    assert not warnings(coverage_loss=1.0, coverage_loss_start=2000)  # an epoch budget: cannot be known
+    assert not warnings(coverage_loss=1.0)
+
+
 def test_a_token_cap_below_a_sentence_is_counted():
     from seq2seq.data.batching import TokenBatchSampler
 

@@ -210,6 +210,25 @@ def _sources(runs: list[Run], count: int) -> list[str] | None:
     return None
 
 
+def choose_baseline(groups: list[Group], baseline: str | None) -> Group:
+    """The group labelled ``baseline``, else the one group whose model description it is (a label can
+    carry training keys that other configs set, e.g. ``bahdanau trainer.coverage_loss=0.0``).
+    Without ``baseline``: ``none`` the same way when present, else the first group."""
+    labels = [g.label for g in groups]
+    wanted = "none" if baseline is None else baseline
+    if wanted in labels:
+        return groups[labels.index(wanted)]
+    by_model = [g for g in groups if g.runs[0].description == wanted]
+    if len(by_model) == 1:
+        return by_model[0]
+    if baseline is None:
+        return groups[0]
+    if by_model:
+        raise CompareError(f"--baseline {baseline!r} names {len(by_model)} configs; give one label in full: "
+                           + ", ".join(repr(g.label) for g in by_model))
+    raise CompareError(f"--baseline {baseline!r} is not a config here; choose one of: {', '.join(labels)}")
+
+
 def build_comparison(paths: list[Path], split: str | None = None, search: str = "greedy",
                      baseline: str | None = None, n_boot: int = 1000, seed: int = 12345,
                      include_unfinished: bool = False) -> Comparison:
@@ -233,11 +252,8 @@ def build_comparison(paths: list[Path], split: str | None = None, search: str = 
     for r in used:
         by_label.setdefault(r.label, []).append(r)
     groups = [make_group(label, rs) for label, rs in by_label.items()]
-    labels = [g.label for g in groups]
-    if baseline is not None and baseline not in labels:
-        raise CompareError(f"--baseline {baseline!r} is not a config here; choose one of: {', '.join(labels)}")
-    base_label = baseline or ("none" if "none" in labels else labels[0])
-    base_group = groups[labels.index(base_label)]
+    base_group = choose_baseline(groups, baseline)
+    base_label = base_group.label
     computed = n_boot > 0 and len(groups) > 1 and run_paired_bootstrap(groups, base_group, n_boot, seed)
     first = used[0]
     return Comparison(groups, base_label, skipped, [r for r in used if not r.finished],
