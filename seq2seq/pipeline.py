@@ -40,6 +40,7 @@ from seq2seq.evaluation.evaluate import (
     translate_lines,
 )
 from seq2seq.evaluation.report import EvalReport
+from seq2seq.model.devices import set_cpu_threads
 from seq2seq.model.network import check_model_config
 from seq2seq.search.common import check_search_config
 from seq2seq.training.distributed import Dist
@@ -301,6 +302,7 @@ def load_split(cfg: TrainConfig, split: str) -> Dataset:
 def run_evaluate(ecfg: EvaluateConfig) -> list[tuple[EvalReport, Path]]:
     check_search_config(ecfg.search)
     check_eval_config(ecfg.eval)
+    set_cpu_threads(ecfg.num_threads, "num_threads")
     run_dir = Path(ecfg.run_dir)
     if ecfg.align_file is not None and ecfg.ensemble:
         raise ConfigError("align_file=... scores one attention model's alignments; an ensemble has none: drop ensemble")
@@ -345,6 +347,7 @@ def run_translate(cfg: TranslateConfig, stream_in, stream_out) -> int:
     with ``search.nbest`` K > 1 each input line gives K lines ``<line number>\t<score>\t<translation>``."""
     search, run_dir = cfg.search, Path(cfg.run_dir)
     check_search_config(search)
+    set_cpu_threads(cfg.num_threads, "num_threads")
     if cfg.alignments and search.nbest > 1:
         raise ConfigError("alignments=true prints one translation per line; drop search.nbest (or alignments)")
     loaded = load_models(run_dir, cfg.checkpoint.value, list(cfg.ensemble), cfg.device, cfg.kernels)

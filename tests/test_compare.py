@@ -303,10 +303,12 @@ def test_label_lists_other_differing_keys_but_not_seed_or_name(tmp_path):
     make_run(root, "0", seed=1, extra={"optim": {"lr": 0.001}, "name": "a"})
     make_run(root, "1", seed=2, extra={"optim": {"lr": 0.001}, "name": "b"}, bleu=22.0)
     make_run(root, "2", seed=1, extra={"optim": {"lr": 0.0005}})
+    make_run(root, "3", seed=1, extra={"optim": {"lr": 0.002}})
     c = build_comparison([root], n_boot=0)
-    assert [(g.label, len(g.runs)) for g in c.groups] == [("bahdanau optim.lr=0.001", 2),
-                                                          ("bahdanau optim.lr=0.0005", 1)]
-    assert c.baseline == "bahdanau optim.lr=0.001"  # no `none` config: the first one
+    # lr=0.001 is the default, so that config is plain `bahdanau`; the others say what they set
+    assert [(g.label, len(g.runs)) for g in c.groups] == [("bahdanau", 2), ("bahdanau optim.lr=0.0005", 1),
+                                                          ("bahdanau optim.lr=0.002", 1)]
+    assert c.baseline == "bahdanau"  # no `none` config: the first one
 
 
 def test_a_key_added_since_a_run_was_made_takes_its_default_and_does_not_split_the_runs(tmp_path):
@@ -317,8 +319,7 @@ def test_a_key_added_since_a_run_was_made_takes_its_default_and_does_not_split_t
     make_run(root, "1", seed=2, extra={"trainer": {"max_minutes": None}})
     make_run(root, "2", seed=3, extra={"trainer": {"max_minutes": 9}})
     c = build_comparison([root], n_boot=0)
-    assert [(g.label, len(g.runs)) for g in c.groups] == [("bahdanau trainer.max_minutes=None", 2),
-                                                          ("bahdanau trainer.max_minutes=9", 1)]
+    assert [(g.label, len(g.runs)) for g in c.groups] == [("bahdanau", 2), ("bahdanau trainer.max_minutes=9", 1)]
 
 
 def test_lab_variants_are_labelled_by_their_model_names_alone(tmp_path):
@@ -338,21 +339,36 @@ def test_lab_variants_are_labelled_by_their_model_names_alone(tmp_path):
                                            "local-p4-general-feed", "bahdanau-cov"]
 
 
-def test_a_baseline_is_found_by_its_model_name_when_training_keys_lengthen_its_label(tmp_path):
-    """The zoo's coverage arm sets trainer.coverage_loss, so every label carries it; --baseline
-    bahdanau still means the one plain Bahdanau config, and the default still finds `none`."""
+def test_only_the_configs_that_set_a_key_away_from_its_default_carry_it_in_their_labels(tmp_path):
+    """The zoo's coverage arm sets trainer.coverage_loss; the other arms keep their model names,
+    and `none` is still the default baseline."""
     root = tmp_path / "zoo"
     make_run(root, "0", attention="none")
     make_run(root, "1", attention="bahdanau")
     make_run(root, "2", attention="bahdanau", extra={"model": {"attention": {"coverage": True}},
-                                                     "trainer": {"coverage_loss": 1.0}})
-    assert build_comparison([root], n_boot=0, baseline="bahdanau").baseline == "bahdanau trainer.coverage_loss=0.0"
-    assert build_comparison([root], n_boot=0).baseline == "none trainer.coverage_loss=0.0"
-    full = "bahdanau-cov trainer.coverage_loss=1.0"
+                                                     "trainer": {"coverage_loss": 1.0, "coverage_loss_start": 300}})
+    c = build_comparison([root], n_boot=0)
+    assert [g.label for g in c.groups] == ["none", "bahdanau",
+                                           "bahdanau-cov trainer.coverage_loss=1.0 trainer.coverage_loss_start=300"]
+    assert c.baseline == "none"
+    assert build_comparison([root], n_boot=0, baseline="bahdanau").baseline == "bahdanau"
+
+
+def test_a_baseline_is_found_by_its_model_name_when_training_keys_lengthen_its_label(tmp_path):
+    """Two Bahdanau configs that both set a key: --baseline bahdanau is ambiguous and says so
+    with the full labels; a model name that one config alone has still finds it."""
+    root = tmp_path / "zoo"
+    make_run(root, "0", attention="none", extra={"trainer": {"label_smoothing": 0.1}})
+    make_run(root, "1", attention="bahdanau", extra={"trainer": {"coverage_loss": 0.5}})
+    make_run(root, "2", attention="bahdanau", extra={"trainer": {"coverage_loss": 1.0}})
+    make_run(root, "3", attention="luong", extra={"trainer": {"coverage_loss": 1.0}})
+    assert build_comparison([root], n_boot=0).baseline == "none trainer.label_smoothing=0.1"
+    assert build_comparison([root], n_boot=0, baseline="luong-general-feed").baseline == \
+        "luong-general-feed trainer.coverage_loss=1.0"
+    full = "bahdanau trainer.coverage_loss=1.0"
     assert build_comparison([root], n_boot=0, baseline=full).baseline == full
-    make_run(root, "3", attention="bahdanau", extra={"trainer": {"coverage_loss": 0.5}})
     with pytest.raises(CompareError, match=r"--baseline 'bahdanau' names 2 configs; give one label in full: "
-                                           r"'bahdanau trainer.coverage_loss=0.0', 'bahdanau trainer.coverage_loss=0.5'"):
+                                           r"'bahdanau trainer.coverage_loss=0.5', 'bahdanau trainer.coverage_loss=1.0'"):
         build_comparison([root], n_boot=0, baseline="bahdanau")
 
 

@@ -155,3 +155,28 @@ def test_bad_nbest_requests_are_refused_in_one_line(runs, cache, args, fragments
     proc = run_cli("seq2seq-translate", [f"run_dir={runs['b']}", *args], runs["cwd"], cache, stdin=SOURCES)
     one_line_error(proc, *fragments)
     assert proc.stdout == b""
+
+
+def test_num_threads_sets_the_decoding_threads_and_leaves_the_output_alone(runs, cache):
+    """A user decoding beside a training sets num_threads, as trainer.num_threads for training."""
+    cwd, b = runs["cwd"], runs["b"]
+    before = set((b / "eval").iterdir())
+    ok(run_cli("seq2seq-evaluate", [f"run_dir={b}", "num_threads=1", "split=valid", "eval.bootstrap_samples=10"],
+               cwd, cache))
+    (new,) = set((b / "eval").iterdir()) - before
+    assert json.loads((new / "report.json").read_text())["speed"]["threads"] == 1
+    default = ok(run_cli("seq2seq-translate", [f"run_dir={b}"], cwd, cache, stdin=SOURCES)).stdout
+    assert ok(run_cli("seq2seq-translate", [f"run_dir={b}", "num_threads=1"], cwd, cache, stdin=SOURCES)).stdout == default
+
+
+@pytest.mark.parametrize("which", ["evaluate", "translate"])
+@pytest.mark.parametrize(("value", "fragments"), [
+    ("-1", ("num_threads must be 0 (all cores) or positive", "-1")),
+    ("two", ("num_threads", "two")),
+])
+def test_bad_num_threads_is_refused_in_one_line(runs, cache, which, value, fragments):
+    b = runs["b"]
+    before = sorted(p.name for p in (b / "eval").iterdir())
+    proc = run_cli(f"seq2seq-{which}", [f"run_dir={b}", f"num_threads={value}"], runs["cwd"], cache, stdin=SOURCES)
+    one_line_error(proc, *fragments)
+    assert proc.stdout == b"" and sorted(p.name for p in (b / "eval").iterdir()) == before

@@ -311,6 +311,7 @@ class EvaluateConfig:
     data_root: str | None = None  # where the run's corpus is now, if it moved
     device: Device = Device.auto
     kernels: Kernels = Kernels.auto
+    num_threads: int = 0  # CPU threads; 0 uses every core (set it when a training shares the machine)
     search: SearchConfig = field(default_factory=SearchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -321,6 +322,7 @@ class TranslateConfig:
     checkpoint: CheckpointChoice = CheckpointChoice.best
     device: Device = Device.auto
     kernels: Kernels = Kernels.auto
+    num_threads: int = 0  # CPU threads; 0 uses every core
     search: SearchConfig = field(default_factory=SearchConfig)
     alignments: bool = False  # also print each translation's word alignment (tab, Pharaoh i-j)
     ensemble: list[str] = field(default_factory=list)  # more run directories decoding with run_dir (same tokenizer)

@@ -39,6 +39,7 @@ from seq2seq.evaluation.compare_runs import (
     Comparison,
     Group,
     Run,
+    default_config,
     find_run_dirs,
     load_run,
     natural_key,
@@ -66,14 +67,24 @@ IGNORED_KEYS = frozenset({
 IGNORED_PREFIXES = ("search.", "eval.")
 
 
+def _as_text(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def assign_labels(runs: list[Run]) -> None:
-    """Description plus every config key (but the ignored ones) that differs between the runs."""
+    """Description plus every config key (but the ignored ones) that differs between the runs,
+    shown on the runs that set it away from its default: the zoo's coverage arm is
+    ``bahdanau-cov trainer.coverage_loss=1.0`` and the other arms keep their model names.
+    Two configs that differ in a key still get different labels, as at most one of them
+    can hold the default."""
     keys = sorted({k for r in runs for k in r.config})
     differing = [k for k in keys if k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES)
-                 and len({json.dumps(r.config.get(k, "<unset>"), sort_keys=True, default=str)
-                          for r in runs}) > 1]
+                 and len({_as_text(r.config.get(k, "<unset>")) for r in runs}) > 1]
+    defaults = default_config()
     for r in runs:
-        r.label = " ".join([r.description, *(f"{k}={r.config.get(k, '<unset>')}" for k in differing)])
+        shown = [k for k in differing
+                 if k not in defaults or _as_text(r.config.get(k, "<unset>")) != _as_text(defaults[k])]
+        r.label = " ".join([r.description, *(f"{k}={r.config.get(k, '<unset>')}" for k in shown)])
 
 
 # ----------------------------------------------------------------------------- checks and statistics

@@ -105,7 +105,7 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 @functools.cache
-def _default_config() -> dict[str, Any]:
+def default_config() -> dict[str, Any]:
     """Today's TrainConfig defaults, flattened (interpolations left as text)."""
     from seq2seq.core.config import TrainConfig
 
@@ -122,7 +122,7 @@ def _load_config(run_dir: Path) -> dict[str, Any]:
     except Exception:  # an interpolation that cannot resolve here (an env var): keep it as text
         data = OmegaConf.to_container(cfg, resolve=False)
     flat = _flatten(data if isinstance(data, dict) else {})
-    return {**_default_config(), **flat}
+    return {**default_config(), **flat}
 
 
 def describe(cfg: dict[str, Any]) -> str:

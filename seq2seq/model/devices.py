@@ -21,6 +21,15 @@ def resolve_device(requested: Device, key: str = "trainer.device") -> torch.devi
     return torch.device("cuda")
 
 
+def set_cpu_threads(num_threads: int, key: str) -> None:
+    """Use ``num_threads`` CPU threads for torch (0: leave torch's default, every core).
+    Checked before any work, so a bad value fails with the key's name."""
+    if isinstance(num_threads, bool) or num_threads < 0:
+        raise ConfigError(f"{key} must be 0 (all cores) or positive (got {num_threads})")
+    if num_threads:
+        torch.set_num_threads(num_threads)
+
+
 def autocast_dtype(precision: Precision, device: torch.device, saved: bool = False) -> torch.dtype | None:
     """``auto``: bf16 autocast on CUDA and on CPUs with native bf16 (float32 master weights,
     float32 non-linearities and cell state); float32 elsewhere. ``fp32``/``bf16`` force one.
