@@ -161,10 +161,11 @@ def test_num_threads_sets_the_decoding_threads_and_leaves_the_output_alone(runs,
     """A user decoding beside a training sets num_threads, as trainer.num_threads for training."""
     cwd, b = runs["cwd"], runs["b"]
     before = set((b / "eval").iterdir())
-    ok(run_cli("seq2seq-evaluate", [f"run_dir={b}", "num_threads=1", "split=valid", "eval.bootstrap_samples=10"],
-               cwd, cache))
+    proc = ok(run_cli("seq2seq-evaluate", [f"run_dir={b}", "num_threads=1", "split=valid",
+                                           "eval.bootstrap_samples=10"], cwd, cache))
     (new,) = set((b / "eval").iterdir()) - before
     assert json.loads((new / "report.json").read_text())["speed"]["threads"] == 1
+    assert "cpu, 1 thread)" in proc.stdout.decode()
     default = ok(run_cli("seq2seq-translate", [f"run_dir={b}"], cwd, cache, stdin=SOURCES)).stdout
     assert ok(run_cli("seq2seq-translate", [f"run_dir={b}", "num_threads=1"], cwd, cache, stdin=SOURCES)).stdout == default
 

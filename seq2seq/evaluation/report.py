@@ -182,7 +182,8 @@ def _headline(report: EvalReport) -> list[str]:
         f"percentile {_ci_label(report)}",
         *([f"Decoding: {report.num_sentences} sentences in {report.speed['decode_seconds']:.1f} s "
             f"({report.speed['sentences_per_s']:.1f} sentences/s, {report.speed['device']}, "
-            f"{report.speed['threads']} threads)"] if report.speed else []),
+            f"{report.speed['threads']} thread{'' if report.speed['threads'] == 1 else 's'})"]
+          if report.speed else []),
         f"Created: {report.created}",
     ]
 
