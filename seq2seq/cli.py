@@ -554,7 +554,7 @@ def compare() -> None:
                         "required for several run directories)")
     parser.add_argument("--baseline", help="config label to test against (default: none if present, else the first)")
     parser.add_argument("--split", help="evaluation split (default: the corpus' first test split)")
-    parser.add_argument("--search", default="greedy", help="search setting of the reports: greedy, beam5, ...")
+    parser.add_argument("--search", default="greedy", help="search setting of the reports: greedy, beam5, beam5-lp0.6, ...; add -averaged, -last or -ensemble<N> for those reports (beam5-averaged)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples; 0 skips it")
     parser.add_argument("--seed", type=int, default=12345, help="paired bootstrap seed")
     parser.add_argument("--include-unfinished", action="store_true",

@@ -503,6 +503,29 @@ def test_newest_eval_dir_and_search_setting(tmp_path):
         build_comparison([run], search="beam")
 
 
+@pytest.mark.parametrize(("search", "folder"), [
+    ("beam5-averaged", "test-beam5-averaged"), ("greedy-averaged", "test-averaged"), ("greedy-last", "test-last"),
+    ("beam5-lp0.6-averaged", "test-beam5-lp0.6-averaged"), ("beam3-ensemble2", "test-beam3-ensemble2"),
+    ("beam5-ensemble3-averaged", "test-beam5-ensemble3-averaged"),
+])
+def test_search_with_a_model_suffix_reads_the_reports_seq2seq_evaluate_names_so(tmp_path, search, folder):
+    """seq2seq-evaluate writes checkpoint=averaged|last and ensembles beside the best checkpoint's
+    report (eval/<split>[-<search>]-<model>); --search <search>-<model> compares those, and the
+    plain --search still reads the best checkpoint's."""
+    run = make_run(tmp_path, "r", bleu=20.0)
+    other = make_run(tmp_path, "tmp", bleu=31.0)
+    (other / "eval" / "test").rename(run / "eval" / folder)
+    assert build_comparison([run], n_boot=0, search=search).groups[0].metrics["bleu"][0] == 31.0
+    assert build_comparison([run], n_boot=0).groups[0].metrics["bleu"][0] == 20.0
+
+
+@pytest.mark.parametrize("search", ["beam5-average", "averaged", "beam5-ensemble", "greedy-best", "beam5-averaged-2"])
+def test_a_search_with_an_unknown_model_suffix_is_refused(tmp_path, search):
+    run = make_run(tmp_path, "r")
+    with pytest.raises(CompareError, match=r"--search .*-averaged, -last or -ensemble<N>"):
+        build_comparison([run], search=search)
+
+
 def test_out_dir_rules_and_no_overwrite(sweep, tmp_path, monkeypatch, capsys):
     runs = [str(sweep / "0"), str(sweep / "2")]
     code, _, err = run_cli(monkeypatch, capsys, *runs)

@@ -34,12 +34,12 @@ from typing import Any
 from seq2seq.core.files import make_writable_dir
 from seq2seq.evaluation.attention_stats import ATTENTION_KEYS
 from seq2seq.evaluation.compare_runs import (
-    SEARCH_RE,
     CompareError,
     Comparison,
     Group,
     Run,
     default_config,
+    eval_dir_name,
     find_run_dirs,
     load_run,
     natural_key,
@@ -243,8 +243,7 @@ def choose_baseline(groups: list[Group], baseline: str | None) -> Group:
 def build_comparison(paths: list[Path], split: str | None = None, search: str = "greedy",
                      baseline: str | None = None, n_boot: int = 1000, seed: int = 12345,
                      include_unfinished: bool = False) -> Comparison:
-    if not SEARCH_RE.fullmatch(search):
-        raise CompareError(f"--search {search!r}: expected greedy, beam<k> or beam<k>-lp<alpha> (e.g. beam5)")
+    eval_dir_name("split", search)  # a bad --search fails here, before any run is read
     if n_boot < 0:
         raise CompareError(f"--bootstrap must be >= 0 (0 skips the paired bootstrap), got {n_boot}")
     runs = [load_run(p, split, search) for p in find_run_dirs(paths)]

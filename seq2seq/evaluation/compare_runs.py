@@ -20,7 +20,11 @@ from seq2seq.evaluation.report import EvalReport
 
 log = logging.getLogger(__name__)
 
-SEARCH_RE = re.compile(r"greedy|beam\d+(-lp[0-9.eE+-]+)?")
+# --search: the search (greedy, beam5, beam5-lp0.6), then which model decoded when it was not the
+# best checkpoint, as seq2seq-evaluate names its report folders: beam5-averaged, greedy-last,
+# beam5-ensemble3, beam5-ensemble3-averaged (folders test-beam5-averaged, test-last, ...)
+SEARCH_RE = re.compile(r"(?P<search>greedy|beam\d+(?:-lp[0-9.eE+-]+)?)"
+                       r"(?:-(?P<model>averaged|last|ensemble\d+(?:-(?:averaged|last))?))?")
 
 
 class CompareError(Seq2SeqError):
@@ -142,7 +146,13 @@ def describe(cfg: dict[str, Any]) -> str:
 
 
 def eval_dir_name(split: str, search: str) -> str:
-    return split if search == "greedy" else f"{split}-{search}"
+    """The report folder seq2seq-evaluate writes for ``--search`` (see SEARCH_RE)."""
+    m = SEARCH_RE.fullmatch(search)
+    if m is None:
+        raise CompareError(f"--search {search!r}: expected greedy, beam<k> or beam<k>-lp<alpha> (e.g. beam5), "
+                           "optionally followed by -averaged, -last or -ensemble<N>")
+    name = split if m["search"] == "greedy" else f"{split}-{m['search']}"
+    return name if m["model"] is None else f"{name}-{m['model']}"
 
 
 def newest_eval_dir(run_dir: Path, split: str, search: str) -> Path | None:
