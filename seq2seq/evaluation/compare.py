@@ -39,10 +39,10 @@ from seq2seq.evaluation.compare_runs import (
     Group,
     Run,
     default_config,
-    eval_dir_name,
     find_run_dirs,
     load_run,
     natural_key,
+    parse_search,
 )
 from seq2seq.evaluation.metrics import (
     BucketScore,
@@ -243,7 +243,7 @@ def choose_baseline(groups: list[Group], baseline: str | None) -> Group:
 def build_comparison(paths: list[Path], split: str | None = None, search: str = "greedy",
                      baseline: str | None = None, n_boot: int = 1000, seed: int = 12345,
                      include_unfinished: bool = False) -> Comparison:
-    eval_dir_name("split", search)  # a bad --search fails here, before any run is read
+    parse_search(search)  # a bad --search fails here, before any run is read
     if n_boot < 0:
         raise CompareError(f"--bootstrap must be >= 0 (0 skips the paired bootstrap), got {n_boot}")
     runs = [load_run(p, split, search) for p in find_run_dirs(paths)]

@@ -145,12 +145,18 @@ def describe(cfg: dict[str, Any]) -> str:
     return model_describe(ModelConfig(attention=typed, decoder_self_attention=self_attention))  # type: ignore[arg-type]
 
 
-def eval_dir_name(split: str, search: str) -> str:
-    """The report folder seq2seq-evaluate writes for ``--search`` (see SEARCH_RE)."""
+def parse_search(search: str) -> re.Match[str]:
+    """``--search`` split into its search and model parts (see SEARCH_RE); CompareError if malformed."""
     m = SEARCH_RE.fullmatch(search)
     if m is None:
         raise CompareError(f"--search {search!r}: expected greedy, beam<k> or beam<k>-lp<alpha> (e.g. beam5), "
                            "optionally followed by -averaged, -last or -ensemble<N>")
+    return m
+
+
+def eval_dir_name(split: str, search: str) -> str:
+    """The report folder seq2seq-evaluate writes for ``--search``."""
+    m = parse_search(search)
     name = split if m["search"] == "greedy" else f"{split}-{m['search']}"
     return name if m["model"] is None else f"{name}-{m['model']}"
 

@@ -21,11 +21,16 @@ def resolve_device(requested: Device, key: str = "trainer.device") -> torch.devi
     return torch.device("cuda")
 
 
+def check_num_threads(num_threads: int, key: str) -> None:
+    """A thread count key (``trainer.num_threads``, ``num_threads``): 0 for every core, or positive."""
+    if num_threads < 0:
+        raise ConfigError(f"{key} must be 0 (all cores) or positive (got {num_threads})")
+
+
 def set_cpu_threads(num_threads: int, key: str) -> None:
     """Use ``num_threads`` CPU threads for torch (0: leave torch's default, every core).
     Checked before any work, so a bad value fails with the key's name."""
-    if isinstance(num_threads, bool) or num_threads < 0:
-        raise ConfigError(f"{key} must be 0 (all cores) or positive (got {num_threads})")
+    check_num_threads(num_threads, key)
     if num_threads:
         torch.set_num_threads(num_threads)
 

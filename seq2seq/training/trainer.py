@@ -33,7 +33,7 @@ from seq2seq.data.batching import Batch, TokenBatchSampler, collate
 from seq2seq.data.prepare import PreparedData, token_ids
 from seq2seq.data.tokenizer import PAD_ID
 from seq2seq.evaluation.metrics import corpus_score
-from seq2seq.model.devices import autocast_dtype, resolve_device
+from seq2seq.model.devices import autocast_dtype, check_num_threads, resolve_device
 from seq2seq.model.engine import build_engine, describe_engine
 from seq2seq.model.losses import coverage_penalty
 from seq2seq.model.network import Seq2Seq, build_model, count_parameters, state_mismatch
@@ -124,8 +124,7 @@ def check_trainer_config(cfg: TrainConfig) -> None:
                           f"(got {t.coverage_loss_start})")
     if t.coverage_loss > 0 and cfg.model.attention.type.value == "none":
         raise ConfigError("trainer.coverage_loss penalises attention; model/attention=none has none")
-    if t.num_threads < 0:
-        raise ConfigError(f"trainer.num_threads must be 0 (all cores) or positive (got {t.num_threads})")
+    check_num_threads(t.num_threads, "trainer.num_threads")
 
 
 @dataclass
