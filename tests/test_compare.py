@@ -520,10 +520,13 @@ def test_search_with_a_model_suffix_reads_the_reports_seq2seq_evaluate_names_so(
 
 
 @pytest.mark.parametrize("search", ["beam5-average", "averaged", "beam5-ensemble", "greedy-best", "beam5-averaged-2"])
-def test_a_search_with_an_unknown_model_suffix_is_refused(tmp_path, search):
+def test_a_search_with_an_unknown_model_suffix_is_refused(tmp_path, monkeypatch, capsys, search):
     run = make_run(tmp_path, "r")
     with pytest.raises(CompareError, match=r"--search .*-averaged, -last or -ensemble<N>"):
         build_comparison([run], search=search)
+    code, out, err = run_cli(monkeypatch, capsys, str(run), "--search", search, "--out", str(tmp_path / "cmp"))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "-ensemble<N>" in err
+    assert not (tmp_path / "cmp").exists()
 
 
 def test_out_dir_rules_and_no_overwrite(sweep, tmp_path, monkeypatch, capsys):
