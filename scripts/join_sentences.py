@@ -18,15 +18,12 @@ SRC/REF may be gzipped (.gz). Existing output files are never replaced.
 from __future__ import annotations
 
 import argparse
-import gzip
 import sys
 from pathlib import Path
 
-
-def read_lines(path: Path) -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
+# The corpus reader, so these files are read as training reads them: gzip, CRLF, BOM, U+0085 inside lines.
+from seq2seq.core.errors import DataError
+from seq2seq.data.corpus import read_lines
 
 
 def join_runs(lines: list[str], max_join: int) -> list[str]:
@@ -52,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{p} already exists; remove it or choose another name")
     try:
         src, ref = read_lines(args.src), read_lines(args.ref)
-    except (OSError, UnicodeDecodeError, EOFError) as err:
+    except DataError as err:
         parser.error(f"cannot read the input: {err}")
     if len(src) != len(ref):
         parser.error(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)}; they must be line-aligned")
