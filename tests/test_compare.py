@@ -165,6 +165,20 @@ def test_output_files_and_columns(sweep):
         assert paths[p].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_runs_outside_the_output_folder_are_listed_from_the_working_directory(sweep, tmp_path, monkeypatch):
+    # Comparing outputs/... into docs/... must not write this machine's absolute paths into the docs.
+    monkeypatch.chdir(tmp_path)
+    _, paths, _ = run_compare([sweep], out=tmp_path / "docs" / "zoo", n_boot=20)
+    md = paths["comparison.md"].read_text()
+    assert "| multirun/2024-05-01_12-00-00/2 | bahdanau | 1 | 20.00 |" in md
+    assert str(tmp_path) not in md
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # runs neither under --out nor under the working directory: as they are
+    _, paths, _ = run_compare([sweep], out=tmp_path / "docs" / "zoo2", n_boot=20)
+    assert f"| {sweep / '2'} | bahdanau | 1 |" in paths["comparison.md"].read_text()
+
+
 def _alignment(aer_short: float, aer_long: float) -> dict:
     """A report's attention section with gold-alignment scores for the 1-10 and 11-20 buckets."""
     return {"sentences": N, "entropy": 0.5, "pad_mass": 0.0, "monotonicity": 0.9, "coverage_deviation": 0.2,

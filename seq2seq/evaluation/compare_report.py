@@ -180,9 +180,12 @@ def _settings(c: Comparison) -> list[str]:
 
 
 def _shown(path: Path, base: Path | None) -> str:
-    """``path`` relative to ``base`` when it lies inside it (the markdown), else as given."""
-    if base is not None and path.is_relative_to(base.resolve()):
-        return str(path.relative_to(base.resolve()))
+    """``path`` relative to ``base`` (the markdown's folder) when it lies inside it, else relative to the
+    working directory when it lies there (runs compared into docs/ from outputs/ would otherwise put this
+    machine's absolute paths into a file meant to be committed), else as given."""
+    for folder in (base, Path.cwd()):
+        if folder is not None and path.is_relative_to(folder.resolve()):
+            return str(path.relative_to(folder.resolve()))
     return str(path)
 
 
