@@ -218,6 +218,10 @@ def log_hparams(run_dir: Path, cfg: TrainConfig, summary: dict, reports: list[Ev
         "local_mode": a.mode.value if a.type.value == "local" else "-",
         "local_window": a.window if a.type.value == "local" else 0,
         "heads": a.heads, "normalizer": a.normalizer.value,
+        # The lab's other switches: without them lab=relative, coverage and self_attention runs
+        # look like their plain Luong/Bahdanau arms in the HParams table.
+        "position_bias": a.position_bias.value, "coverage": bool(a.coverage),
+        "coverage_loss": cfg.trainer.coverage_loss, "decoder_self_attention": bool(m.decoder_self_attention),
         "embedding_size": m.embedding_size, "encoder_hidden_size": m.encoder_hidden_size,
         "decoder_hidden_size": m.decoder_hidden_size, "encoder_layers": m.encoder_layers,
         "decoder_layers": m.decoder_layers, "dropout": m.dropout, "lr": cfg.optim.lr,
