@@ -21,8 +21,8 @@ def recorded_hparams(run_dir: Path) -> dict[str, object]:
     for content in events.PluginTagToContent("hparams").values():
         data = plugin_data_pb2.HParamsPluginData.FromString(content)
         if data.HasField("session_start_info"):
-            values = data.session_start_info.hparams
-            return {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in values.items()}
+            # Each value is a protobuf Value: its one set field holds the string or number.
+            return {k: getattr(v, v.WhichOneof("kind")) for k, v in data.session_start_info.hparams.items()}
     raise AssertionError("no HParams session record")
 
 
